@@ -1,0 +1,131 @@
+"""VLM adapters: one interface over Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gasp_vlm.models.base import ModelLoadError, PreparedBatch, VLMAdapter
+from gasp_vlm.models.capture import CaptureResult
+from gasp_vlm.models.layout import FrameTransform, TokenLayout
+from gasp_vlm.models.llava_next_video import LlavaNextVideoAdapter
+from gasp_vlm.models.presets import PRESETS
+from gasp_vlm.models.qwen import Qwen2VLAdapter, QwenVLAdapter
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {
+    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, LlavaNextVideoAdapter)
+}
+
+__all__ = ["ADAPTERS", "PRESETS", "CaptureResult", "FrameTransform", "ModelLoadError", "PreparedBatch",
+           "TokenLayout", "VLMAdapter", "load_adapter", "family_of"]
+
+
+def _parse_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(table)}")
+    return table[dtype]
+
+
+def family_of(config_or_dir: Any) -> str:
+    """Adapter family of an HF config (object, dict, or checkpoint directory)."""
+    if isinstance(config_or_dir, (str, Path)):
+        cfg_path = Path(config_or_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{config_or_dir}: no config.json — not a Hugging Face model directory")
+        try:
+            model_type = json.loads(cfg_path.read_text()).get("model_type")
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from e
+    elif isinstance(config_or_dir, dict):
+        model_type = config_or_dir.get("model_type")
+    else:
+        model_type = getattr(config_or_dir, "model_type", None)
+    for fam, cls in ADAPTERS.items():
+        if model_type in cls.hf_model_types:
+            return fam
+    raise ModelLoadError(f"unsupported model family {model_type!r}; gasp-vlm supports "
+                         f"{sorted(t for c in ADAPTERS.values() for t in c.hf_model_types)}")
+
+
+def _preprocessor_settings(path: Path, family: str) -> dict:
+    """Pixel settings a checkpoint's processor config fixes (min/max pixels, mean/std)."""
+    out: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        cfg = json.loads(f.read_text())
+        if "image_mean" in cfg:
+            out["image_mean"], out["image_std"] = cfg["image_mean"], cfg["image_std"]
+        if family in ("qwen2_5_vl", "qwen2_vl"):
+            size = cfg.get("size") or {}
+            min_p = cfg.get("min_pixels", size.get("shortest_edge"))
+            max_p = cfg.get("max_pixels", size.get("longest_edge"))
+            if min_p and max_p and name == "preprocessor_config.json":
+                out["min_pixels"], out["max_pixels"] = int(min_p), int(max_p)
+    return out
+
+
+def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: str | torch.device = "cpu",
+                 attn_implementation: str = "sdpa", seed: int = 0, frame_mode: str | None = None,
+                 overrides: dict | None = None, trust_remote_code: bool = False, **adapter_kwargs) -> VLMAdapter:
+    """A preset name, a local HF directory, or a hub id -> adapter (model in eval mode on ``device``).
+
+    Real checkpoints load with ``from_pretrained`` (safetensors only, no remote code unless asked).
+    """
+    dtype = _parse_dtype(dtype)
+    name = str(name_or_path)
+    if name in PRESETS:
+        builder, cls, kw = PRESETS[name]
+        model, tok = builder(seed=seed, overrides=overrides, dtype=dtype)
+        model.config._attn_implementation = attn_implementation
+        adapter = cls(model.to(device), tok, preset=name, frame_mode=frame_mode, **{**kw, **adapter_kwargs})
+        return adapter
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: not a directory (expected a Hugging Face model directory or a preset: "
+                                 f"{sorted(PRESETS)})")
+        family = family_of(path)
+        note = path / "gasp_adapter.json"
+        saved = json.loads(note.read_text()) if note.is_file() else {}
+        src = str(path)
+    elif name.count("/") == 1 and not name.startswith((".", "/")):
+        from transformers import AutoConfig  # hub id: resolved from the local HF cache or the hub
+
+        try:
+            family = family_of(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+        except OSError as e:
+            raise ModelLoadError(f"cannot load {name!r}: not a preset, not a local directory, and the hub/cache "
+                                 f"lookup failed ({e})") from e
+        saved, src = {}, name
+    else:
+        raise ModelLoadError(f"{name!r}: no such directory and not a preset (presets: {sorted(PRESETS)})")
+
+    from transformers import AutoProcessor, AutoTokenizer, LlavaNextVideoForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    model_cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+                 "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
+    model = model_cls.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
+                                      use_safetensors=True, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    try:  # the full HF processor needs torchvision for video; gasp-vlm prepares pixels itself
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - optional
+        processor = None
+    kw = _preprocessor_settings(path, family) if path.exists() else {}
+    for key in ("min_pixels", "max_pixels"):
+        if key in saved and family != "llava_next_video":
+            kw[key] = saved[key]
+    kw.update(adapter_kwargs)
+    cls = ADAPTERS[family]
+    return cls(model.to(device).eval(), tok, processor=processor, preset=saved.get("preset"),
+               frame_mode=frame_mode or saved.get("frame_mode"), **kw)

@@ -1,0 +1,212 @@
+"""The adapter interface every VLM family implements, and the logic they share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from gasp_vlm.models.capture import CaptureResult, capture_visual_features
+from gasp_vlm.models.layout import TokenLayout
+
+
+class ModelLoadError(ValueError):
+    """A model path or name that cannot be loaded (missing config, unknown family, ...)."""
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs for B samples plus where their visual tokens are."""
+
+    inputs: dict[str, torch.Tensor]
+    layouts: list[TokenLayout]
+    labels: torch.Tensor | None = None  # (B, S) long, -100 except answer tokens
+
+    @property
+    def visual_rows(self) -> torch.Tensor:
+        """(B, N) sequence indices of the visual tokens of each sample."""
+        return torch.stack([lay.positions for lay in self.layouts]).to(self.inputs["input_ids"].device)
+
+    def to(self, device: torch.device | str) -> "PreparedBatch":
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        labels = self.labels.to(device) if self.labels is not None else None
+        return PreparedBatch(inputs, self.layouts, labels)
+
+
+def as_uint8_frames(frames: Sequence[Any], where: str = "frames") -> list[np.ndarray]:
+    """Validate a list of frames (PIL images or (H, W, 3) uint8 arrays) -> list of uint8 arrays, same size."""
+    if len(frames) == 0:
+        raise ValueError(f"{where}: zero frames given; at least one frame is needed")
+    out = []
+    for i, f in enumerate(frames):
+        arr = np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"{where}: frame {i} has shape {arr.shape}; expected (H, W, 3) RGB")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{where}: frame {i} has dtype {arr.dtype}; expected uint8")
+        out.append(arr)
+    sizes = {a.shape[:2] for a in out}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: frames of mixed sizes {sorted(sizes)}; resize them to one size first")
+    return out
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists -> (ids (B, S), attention_mask (B, S))."""
+    s = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), s), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), s), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+class VLMAdapter:
+    """One VLM family behind one interface (see docs/DESIGN.md).
+
+    Subclasses set ``family`` and implement ``text_model_config``, ``language_layers``,
+    ``_encode_sample`` (frames -> ids + pixel tensors + layout), ``_collate`` and ``_encode_generation``.
+    """
+
+    family: str = ""
+    hf_model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, tokenizer: Any, processor: Any = None, preset: str | None = None,
+                 frame_mode: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.preset = preset
+        self.frame_mode = frame_mode or self.default_frame_mode
+
+    default_frame_mode = "video"
+    frame_modes: tuple[str, ...] = ("video",)
+
+    # ---- architecture facts ------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def vision_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def attn_projections(self, layer: int) -> tuple[nn.Linear, nn.Linear]:
+        attn = self.decoder_layers()[layer].self_attn
+        return attn.q_proj, attn.k_proj
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def prepare_frames(self, samples: Sequence[Sequence[Any]], prompt: str | None = None,
+                       answers: Sequence[str | None] | None = None, frame_mode: str | None = None) -> PreparedBatch:
+        """B samples of frames (each a list of same-size RGB frames) -> model inputs + layouts.
+
+        ``prompt`` is the user text after the frames; ``answers`` (optional, one per sample) become
+        the assistant turn, and only their tokens get LM labels.
+        """
+        mode = frame_mode or self.frame_mode
+        if mode not in self.frame_modes:
+            raise ValueError(f"{self.family}: unknown frame mode {mode!r}; choose from {self.frame_modes}")
+        if len(samples) == 0:
+            raise ValueError("prepare_frames: empty batch")
+        answers = list(answers) if answers is not None else [None] * len(samples)
+        encoded = [self._encode_sample(as_uint8_frames(frames, f"sample {i}"), prompt, answers[i], mode)
+                   for i, frames in enumerate(samples)]
+        return self._collate(encoded)
+
+    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str) -> dict:
+        raise NotImplementedError
+
+    def _collate(self, encoded: list[dict]) -> PreparedBatch:
+        raise NotImplementedError
+
+    # ---- forward -----------------------------------------------------------------------------
+    def encode_visual_frozen(self, batch: PreparedBatch) -> dict[str, torch.Tensor]:
+        """Inputs with the vision tower run under no_grad (its features passed as ``mm_encoder_outputs``).
+
+        Why: with activation checkpointing, transformers hooks the patch embedding to require grad, so a
+        frozen tower would otherwise keep a graph and be recomputed and back-propagated for nothing.
+        """
+        raise NotImplementedError
+
+    def forward_capture(self, batch: PreparedBatch, what: Sequence[str] = ("hidden",),
+                        layers: Sequence[int] | None = None, grad: bool = False,
+                        freeze_vision: bool = True, rows: torch.Tensor | None = None) -> CaptureResult:
+        """One forward pass capturing per-layer visual-token features (see models/capture.py).
+
+        ``rows`` (B, N) overrides which sequence positions are captured (default: the visual tokens).
+        """
+        rows = batch.visual_rows if rows is None else rows
+        inputs = self.encode_visual_frozen(batch) if freeze_vision else dict(batch.inputs)
+        with torch.set_grad_enabled(grad):
+            with capture_visual_features(self.decoder_layers(), rows, what, layers, self.num_heads,
+                                         self.head_dim) as cap:
+                out = self.model(**inputs, labels=batch.labels, use_cache=False)
+        cap.logits = out.logits
+        cap.loss = out.loss
+        return cap
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: Sequence[dict], max_new_tokens: int = 16, **gen_kwargs) -> list[str]:
+        """Greedy (by default) generation for benchmark requests: dict(prompt, images=[PIL], video=[PIL])."""
+        gen_kwargs.setdefault("do_sample", False)
+        outputs = []
+        for req in requests:
+            inputs = self._encode_generation(req)
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            n_in = inputs["input_ids"].shape[1]
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
+            outputs.append(self.tokenizer.decode(out[0, n_in:], skip_special_tokens=True).strip())
+        return outputs
+
+    def _encode_generation(self, request: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write a plain HF checkpoint (safetensors) + tokenizer + a gasp note of the family/frame mode."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / "gasp_adapter.json").write_text(json.dumps(
+            {"family": self.family, "frame_mode": self.frame_mode, "preset": self.preset, **self.extra_state()},
+            indent=2))
+
+    def extra_state(self) -> dict:
+        return {}

@@ -1,0 +1,119 @@
+"""Tiny random-initialised presets of the real architectures, built in code (nothing downloaded).
+
+They use the real HF model classes with small sizes, so every code path (vision tower, M-RoPE,
+pooling, GQA, LoRA targeting, save/load) is the one a 7B checkpoint takes.
+Sizes: LLM hidden 256, 8 layers, 4 query / 2 kv heads (GQA), head_dim 64 (~5 M LLM parameters);
+vision towers of depth 2; 224 x 224 frames give 8 x 8 = 64 tokens per frame (28 px per token).
+Any config field can be overridden, e.g. ``load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 2})``
+(text fields) or ``{"vision.depth": 1}`` (vision fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from gasp_vlm.models.llava_next_video import LLAVA_SPECIAL_TOKENS, LlavaNextVideoAdapter
+from gasp_vlm.models.qwen import QWEN_SPECIAL_TOKENS, Qwen2VLAdapter, QwenVLAdapter
+from gasp_vlm.models.tokenizer import build_byte_tokenizer
+
+TEXT_DEFAULTS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6)
+
+
+def _split_overrides(overrides: dict[str, Any] | None) -> tuple[dict, dict]:
+    text, vision = {}, {}
+    for k, v in (overrides or {}).items():
+        (vision if k.startswith("vision.") else text)[k.removeprefix("vision.")] = v
+    return text, vision
+
+
+def _qwen_tokenizer():
+    return build_byte_tokenizer(QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _vocab(tok) -> int:
+    return (len(tok) + 63) // 64 * 64
+
+
+def _qwen_ids(tok) -> dict:
+    c = tok.convert_tokens_to_ids
+    return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
+
+
+def _text_cfg(tok, text_over: dict, rope: dict) -> dict:
+    cfg = dict(TEXT_DEFAULTS, vocab_size=_vocab(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, rope_parameters=rope)
+    cfg.update(text_over)
+    return cfg
+
+
+def _mrope(head_dim: int) -> dict:
+    # mrope sections (t, h, w) must sum to head_dim / 2; the real 7B uses [16, 24, 24] for 128.
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [t, h, half - t - h]}
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text_over, vis_over = _split_overrides(overrides)
+    tok = _qwen_tokenizer()
+    text = _text_cfg(tok, text_over, {})
+    text["rope_parameters"] = _mrope(text["hidden_size"] // text["num_attention_heads"])
+    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=text["hidden_size"],
+                  fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, tokens_per_second=2)
+    vision.update(vis_over)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    return model, tok
+
+
+def build_tiny_qwen2_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text_over, vis_over = _split_overrides(overrides)
+    tok = _qwen_tokenizer()
+    text = _text_cfg(tok, text_over, {})
+    text["rope_parameters"] = _mrope(text["hidden_size"] // text["num_attention_heads"])
+    vision = dict(depth=2, embed_dim=128, hidden_size=text["hidden_size"], mlp_ratio=2, num_heads=4,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision.update(vis_over)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).to(dtype).eval()
+    return model, tok
+
+
+def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    text_over, vis_over = _split_overrides(overrides)
+    tok = build_byte_tokenizer(LLAVA_SPECIAL_TOKENS, eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"bos_token": "<s>", "unk_token": "<unk>"})
+    text = _text_cfg(tok, text_over, {"rope_type": "default", "rope_theta": 10000.0})
+    text.update(model_type="llama", bos_token_id=tok.bos_token_id)
+    vision = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=224, patch_size=14, projection_dim=128)
+    vision.update(vis_over)
+    c = tok.convert_tokens_to_ids
+    cfg = LlavaNextVideoConfig(text_config=text, vision_config=vision, image_token_index=c("<image>"),
+                               video_token_index=c("<video>"), vision_feature_layer=-1,
+                               spatial_pool_stride=2, spatial_pool_mode="average")
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).to(dtype).eval()
+    return model, tok
+
+
+# name -> (builder, adapter class, adapter kwargs)
+PRESETS: dict[str, tuple[Callable, type, dict]] = {
+    "tiny-qwen2.5-vl": (build_tiny_qwen2_5_vl, QwenVLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
+    "tiny-qwen2-vl": (build_tiny_qwen2_vl, Qwen2VLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
+    "tiny-llava-next-video": (build_tiny_llava_next_video, LlavaNextVideoAdapter, {}),
+}

@@ -1,0 +1,136 @@
+"""Per-layer capture: gradients reach exactly the right layers; post-RoPE q/k reproduce the attention."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gasp_vlm.models import ModelLoadError, load_adapter
+
+SMALL = {"num_hidden_layers": 3}
+
+
+def frames(n=4, h=56, w=84, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_on_layer_k_reaches_layers_up_to_k_only(preset, checkpointing):
+    ad = load_adapter(preset, overrides=SMALL)
+    ad.model.train()
+    if checkpointing:
+        ad.model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    size = (56, 84) if "qwen" in preset else (224, 224)
+    batch = ad.prepare_frames([frames(3, *size)])
+    k = 1
+    cap = ad.forward_capture(batch, what=("hidden",), grad=True)
+    cap.hidden[k].pow(2).mean().backward()
+    layers = ad.decoder_layers()
+    for i, layer in enumerate(layers):
+        grads = [p.grad for p in layer.parameters()]
+        if i <= k:
+            assert all(g is not None for g in grads)
+            assert sum(float(g.abs().sum()) for g in grads) > 0, f"layer {i} got no gradient"
+        else:
+            assert all(g is None or float(g.abs().sum()) == 0 for g in grads), f"layer {i} > {k} got gradient"
+    # The frozen vision tower ran without a graph.
+    assert all(p.grad is None for p in ad.vision_module().parameters())
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-next-video"])
+def test_post_rope_qk_reproduce_eager_attention(preset):
+    """softmax(q_rope k_rope^T / sqrt(d) + causal) from captured q/k == the model's attention probs."""
+    ad = load_adapter(preset, overrides=SMALL, attn_implementation="eager")
+    size = (56, 84) if "qwen" in preset else (224, 224)
+    batch = ad.prepare_frames([frames(2, *size)], prompt="hi")
+    seq = batch.inputs["input_ids"].shape[1]
+    rows = torch.arange(seq)[None]
+    inputs = ad.encode_visual_frozen(batch)
+    from gasp_vlm.models.capture import capture_visual_features
+
+    with torch.no_grad(), capture_visual_features(ad.decoder_layers(), rows, ("q_rope", "k_rope", "q", "k"), None,
+                                                  ad.num_heads, ad.head_dim) as cap:
+        out = ad.model(**inputs, output_attentions=True, use_cache=False)
+    H, d = ad.num_heads, ad.head_dim
+    causal = torch.full((seq, seq), float("-inf")).triu(1)
+    for l in range(ad.num_layers):
+        q = cap.q_rope[l][0].view(seq, H, d).transpose(0, 1)
+        k = cap.k_rope[l][0].view(seq, H, d).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5 + causal, dim=-1)
+        torch.testing.assert_close(probs, out.attentions[l][0], atol=2e-5, rtol=1e-4)
+        # and RoPE really changed them (positions matter), while pre-RoPE differs
+        assert not torch.allclose(cap.q[l], cap.q_rope[l])
+
+
+def test_capture_rows_are_the_visual_tokens():
+    ad = load_adapter("tiny-qwen2-vl", overrides=SMALL)
+    batch = ad.prepare_frames([frames(2), frames(2, seed=1)], prompt="describe")
+    cap = ad.forward_capture(batch, what=("hidden", "k"), layers=[0, 2])
+    lay = batch.layouts[0]
+    assert set(cap.hidden) == {0, 2}
+    assert cap.hidden[2].shape == (2, lay.num_visual, ad.hidden_size)
+    # GQA: kv heads repeated to the query heads
+    assert cap.k[0].shape == (2, lay.num_visual, ad.num_heads * ad.head_dim)
+    kv = cap.k[0][0].view(lay.num_visual, ad.num_heads, ad.head_dim)
+    group = ad.num_heads // ad.num_kv_heads
+    torch.testing.assert_close(kv[:, 0], kv[:, group - 1])
+    # Batch items differ (different frames), same layout
+    assert not torch.allclose(cap.hidden[2][0], cap.hidden[2][1])
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-llava-next-video"])
+def test_save_load_round_trip(preset, tmp_path):
+    ad = load_adapter(preset, overrides=SMALL, seed=3)
+    ad.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    back = load_adapter(tmp_path / "m")
+    assert type(back) is type(ad) and back.preset == preset
+    size = (56, 84) if "qwen" in preset else (224, 224)
+    b1 = ad.prepare_frames([frames(2, *size)], prompt="x")
+    b2 = back.prepare_frames([frames(2, *size)], prompt="x")
+    assert torch.equal(b1.inputs["input_ids"], b2.inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(ad.model(**b1.inputs).logits, back.model(**b2.inputs).logits)
+
+
+def test_answers_get_labels_only_on_answer_tokens():
+    ad = load_adapter("tiny-qwen2.5-vl", overrides=SMALL)
+    batch = ad.prepare_frames([frames(2)], prompt="What is here?", answers=["a box"])
+    labels = batch.labels[0]
+    ids = batch.inputs["input_ids"][0]
+    lab_ids = ids[labels != -100]
+    assert ad.tokenizer.decode(lab_ids) == "a box<|im_end|>"
+    cap = ad.forward_capture(batch, what=())
+    assert torch.isfinite(cap.loss)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    ad = load_adapter("tiny-qwen2.5-vl", overrides=SMALL)
+    with pytest.raises(ValueError, match="zero frames"):
+        ad.prepare_frames([[]])
+    with pytest.raises(ValueError, match="mixed sizes"):
+        ad.prepare_frames([[np.zeros((56, 56, 3), np.uint8), np.zeros((56, 84, 3), np.uint8)]])
+    with pytest.raises(ValueError, match="frame mode"):
+        ad.prepare_frames([frames(2)], frame_mode="bogus")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_adapter(tmp_path)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="unsupported model family 'bert'"):
+        load_adapter(tmp_path / "bert")
+    with pytest.raises(ModelLoadError, match="not a preset"):
+        load_adapter("no-such-model")
+
+
+def test_generate_returns_text_for_images_and_video():
+    from PIL import Image
+
+    ad = load_adapter("tiny-qwen2.5-vl", overrides=SMALL)
+    ims = [Image.fromarray(f) for f in frames(3)]
+    out = ad.generate([{"prompt": "Which?", "images": ims[:2]}, {"prompt": "Count.", "video": ims}], max_new_tokens=3)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
