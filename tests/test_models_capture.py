@@ -24,7 +24,7 @@ def test_loss_on_layer_k_reaches_layers_up_to_k_only(preset, checkpointing):
     ad = load_adapter(preset, overrides=SMALL)
     ad.model.train()
     if checkpointing:
-        ad.model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ad.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     size = (56, 84) if "qwen" in preset else (224, 224)
     batch = ad.prepare_frames([frames(3, *size)])
     k = 1
