@@ -58,37 +58,35 @@ def _mrope(head_dim: int) -> dict:
     return {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [t, h, half - t - h]}
 
 
-def build_tiny_qwen2_5_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+def _build_tiny_qwen(config_cls, model_cls, vision: dict, seed: int, overrides: dict | None, dtype):
     text_over, vis_over = _split_overrides(overrides)
     tok = _qwen_tokenizer()
     text = _text_cfg(tok, text_over, {})
     text["rope_parameters"] = _mrope(text["hidden_size"] // text["num_attention_heads"])
-    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=text["hidden_size"],
+    vision = {**vision, **vis_over}
+    # the tower's merger projects to the LLM width
+    vision[("out_hidden_size" if "out_hidden_size" in vision else "hidden_size")] = text["hidden_size"]
+    cfg = config_cls(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    torch.manual_seed(seed)
+    return model_cls(cfg).to(dtype).eval(), tok
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=None,
                   fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, tokens_per_second=2)
-    vision.update(vis_over)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
-    return model, tok
+    return _build_tiny_qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, seed, overrides, dtype)
 
 
 def build_tiny_qwen2_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text_over, vis_over = _split_overrides(overrides)
-    tok = _qwen_tokenizer()
-    text = _text_cfg(tok, text_over, {})
-    text["rope_parameters"] = _mrope(text["hidden_size"] // text["num_attention_heads"])
-    vision = dict(depth=2, embed_dim=128, hidden_size=text["hidden_size"], mlp_ratio=2, num_heads=4,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    vision.update(vis_over)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).to(dtype).eval()
-    return model, tok
+    # Qwen2-VL names the tower width embed_dim and the merger output hidden_size.
+    vision = dict(depth=2, embed_dim=128, hidden_size=None, mlp_ratio=2, num_heads=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return _build_tiny_qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, overrides, dtype)
 
 
 def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
