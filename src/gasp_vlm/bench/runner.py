@@ -1,0 +1,202 @@
+"""Resumable benchmark generation + scoring.
+
+`run_eval` renders each sample with its benchmark's prompt and media (VSI: K uniform frames), asks a
+`Generator` for answers in batches, appends one JSON line per answer to OUT/predictions.jsonl (flushed
+per line, so a crash loses at most the line being written), and finally scores into OUT/results.json.
+Re-running with the same OUT skips the sample_ids already answered. Every setting that can change a
+score (prompt profile, frames, decoding, library versions) is written to OUT/run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from gasp_vlm.bench.media import MediaError, check_media_exists, decode_image, read_video_frames
+from gasp_vlm.bench.records import (Sample, read_predictions, repair_truncated_tail, write_json_atomic,
+                                    write_jsonl_atomic)
+from gasp_vlm.bench.registry import Benchmark, get_benchmark, score_samples
+
+PREDICTIONS = "predictions.jsonl"
+RESULTS = "results.json"
+RUN = "run.json"
+SCORED = "scored.jsonl"
+# run.json keys that must match for a resumed run to append to the same predictions file
+RESUME_KEYS = ("benchmark", "profile", "split", "model", "frames", "generation", "pixels")
+
+
+class Generator(Protocol):
+    """Anything that maps requests dict(prompt, images=[PIL] | None, video=[PIL] | None) to output strings."""
+
+    def __call__(self, requests: list[dict]) -> list[str]: ...
+
+
+class AdapterGenerator:
+    """A `Generator` over a gasp_vlm model adapter (`adapter.generate(requests, max_new_tokens, ...)`)."""
+
+    def __init__(self, adapter: Any, **generation: Any) -> None:
+        self.adapter = adapter
+        self.generation = dict(generation)
+
+    def __call__(self, requests: list[dict]) -> list[str]:
+        return list(self.adapter.generate(requests, **self.generation))
+
+
+def load_generator(model: str, generation: dict[str, Any], *, dtype: str = "float32", device: str = "cpu",
+                   seed: int = 0) -> AdapterGenerator:
+    """Load a preset / HF directory / exported GASP model through gasp_vlm.models.load_adapter."""
+    from gasp_vlm.models import load_adapter  # the model side lives in gasp_vlm.models
+
+    adapter = load_adapter(model, dtype=dtype, device=device, seed=seed)
+    return AdapterGenerator(adapter, **generation)
+
+
+def describe_generator(generator: Any) -> dict[str, Any]:
+    """What is known about the model behind a generator (family, preset, frame mode, pixel defaults)."""
+    adapter = getattr(generator, "adapter", None)
+    if adapter is None:
+        return {"generator": type(generator).__name__}
+    info: dict[str, Any] = {"generator": type(generator).__name__}
+    for k in ("family", "preset", "frame_mode", "min_pixels", "max_pixels"):
+        v = getattr(adapter, k, None)
+        if isinstance(v, (str, int, float, bool)):
+            info[k] = v
+    return info
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("gasp-vlm", "torch", "transformers", "numpy", "av", "pillow", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def build_request(bench: Benchmark, sample: Sample, profile: str, frames: int | None,
+                  pixels: dict[str, int] | None = None) -> tuple[dict, list[int] | None]:
+    """(request for the generator, frame indices used or None). `pixels` adds min/max_pixels to the request."""
+    req, idx = _build_request(bench, sample, profile, frames)
+    if pixels:
+        req.update(pixels)
+    return req, idx
+
+
+def _build_request(bench: Benchmark, sample: Sample, profile: str, frames: int | None) -> tuple[dict, list[int] | None]:
+    prompt = bench.render_prompt(sample, profile)
+    if sample.media.kind == "video":
+        try:
+            imgs, idx, _total = read_video_frames(sample.media.paths[0], frames or 32)
+        except MediaError as e:
+            raise MediaError(f"{sample.benchmark} sample {sample.sample_id}: {e}") from None
+        return {"prompt": prompt, "images": None, "video": imgs}, idx
+    images = []
+    for i, src in enumerate(bench.fetch_media(sample)):
+        try:
+            images.append(decode_image(src))
+        except MediaError as e:
+            raise MediaError(f"{sample.benchmark} sample {sample.sample_id} image {i + 1}: {e}") from None
+    return {"prompt": prompt, "images": images, "video": None}, None
+
+
+def _check_resume(out: Path, config: dict) -> None:
+    run_path = out / RUN
+    if not run_path.exists() or not (out / PREDICTIONS).exists():
+        return
+    try:
+        old = json.loads(run_path.read_text())
+    except json.JSONDecodeError:
+        return
+    diffs = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs)
+        raise ValueError(f"{out} holds predictions from a run with different settings ({detail}); "
+                         f"use a new --out directory or delete {out / PREDICTIONS}")
+
+
+def score_run(bench: Benchmark, samples: Sequence[Sample], predictions_path: Path, out: Path,
+              profile: str = "official", extra: dict | None = None) -> dict:
+    """Score a predictions file against samples; write results.json and scored.jsonl atomically."""
+    raw = read_predictions(predictions_path, tolerate_truncated_tail=True)
+    results, preds = score_samples(bench, samples, raw, profile)
+    if extra:
+        results.update(extra)
+    write_jsonl_atomic(out / SCORED, (p.to_json() for p in preds))
+    write_json_atomic(out / RESULTS, results)
+    return results
+
+
+def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Generator | Callable[[list[dict]], list[str]],
+             out_dir: str | Path, *, model_name: str = "", profile: str = "official", split: str | None = None,
+             limit: int | None = None, frames: int | None = None, batch_size: int = 1,
+             generation: dict[str, Any] | None = None, pixels: dict[str, int] | None | str = "official",
+             model_info: dict[str, Any] | None = None, progress: bool = True) -> dict:
+    """Generate (resumably) and score; return the results dict also written to OUT/results.json.
+
+    `generation` is what the generator was configured with (recorded, not applied here); default: the
+    benchmark's official decoding settings. `pixels` ("official" = the benchmark's own, None = the model's
+    default, or a dict) is added to every request as min_pixels/max_pixels.
+    """
+    from tqdm import tqdm
+
+    bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    bench.check_profile(profile)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = bench.load(data_root, split=split)
+    if limit is not None:
+        samples = samples[:limit]
+    if pixels == "official":
+        pixels = bench.pixel_config(profile)
+    if bench.media_kind == "video":
+        frames = frames or getattr(bench, "default_frames", 32)
+    else:
+        frames = None  # image benchmarks feed every view; no sampling
+    config = {
+        "benchmark": bench.name, "profile": profile, "split": split, "data": str(Path(data_root).resolve()),
+        "model": model_name, "frames": frames,
+        "frame_sampling": "np.linspace(0, N-1, K, dtype=int) over all decoded frames" if frames else None,
+        "generation": dict(generation if generation is not None else bench.generation_config(profile)),
+        "pixels": pixels, "model_info": model_info or describe_generator(generator),
+        "batch_size": batch_size, "limit": limit, "num_samples": len(samples), "versions": library_versions(),
+    }
+    _check_resume(out, config)
+
+    pred_path = out / PREDICTIONS
+    repair_truncated_tail(pred_path)  # a crash may have left half a line
+    done = set(read_predictions(pred_path)) if pred_path.exists() else set()
+    pending = [s for s in samples if s.sample_id not in done]
+    check_media_exists(pending)  # fail before any model time is spent
+
+    config["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    config["resumed_with_done"] = len(done & {s.sample_id for s in samples})
+    write_json_atomic(out / RUN, config)
+
+    t0 = time.time()
+    with pred_path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), disable=not progress,
+                                                           desc=f"{bench.name}", unit="q") as bar:
+        for start in range(0, len(pending), max(1, batch_size)):
+            batch = pending[start:start + max(1, batch_size)]
+            built = [build_request(bench, s, profile, frames, pixels) for s in batch]
+            outputs = generator([req for req, _ in built])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(batch)} requests")
+            for s, (req, idx), text in zip(batch, built, outputs):
+                rec = {"sample_id": s.sample_id, "raw_output": text, "prompt": req["prompt"],
+                       "frame_indices": idx, "category": s.category}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+            bar.update(len(batch))
+
+    config["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    config["generation_seconds"] = round(time.time() - t0, 3)
+    config["num_generated"] = len(pending)
+    write_json_atomic(out / RUN, config)
+    return score_run(bench, samples, pred_path, out, profile,
+                     extra={"model": model_name, "frames": frames, "generation": config["generation"],
+                            "pixels": pixels})

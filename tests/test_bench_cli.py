@@ -1,0 +1,121 @@
+"""`gasp score` / `gasp eval --compare` through the real click group, on fixture copies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gasp_vlm.bench.fixtures import make_all_angles, make_blink, make_mmsi, make_vsibench
+from gasp_vlm.cli import main
+
+
+def _write_preds(path, preds: dict, extra_lines=()):
+    with path.open("w") as f:
+        for sid, raw in preds.items():
+            f.write(json.dumps({"sample_id": sid, "raw_output": raw}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def _score(tmp_path, bench, root, preds, *extra):
+    p = _write_preds(tmp_path / f"{bench}.jsonl", preds)
+    out = tmp_path / f"out_{bench}"
+    r = CliRunner().invoke(main, ["score", "--benchmark", bench, "--data", str(root), "--predictions", str(p),
+                                  "--out", str(out), *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_score_all_four_benchmarks(tmp_path):
+    # VSI: ids 0..10 (see fixtures.VSI_ROWS); numeric ids as ints in the file must work too
+    vsi_preds = {"0": "5", "10": "13", "1": "2.5", "2": "", "4": "B.", "5": "A", "6": "(C)", "7": "d",
+                 "8": "The answer is A", "9": "A"}
+    res, out = _score(tmp_path, "vsibench", make_vsibench(tmp_path / "vsi", videos=False), vsi_preds)
+    assert set(res) >= {"benchmark", "profile", "overall", "categories", "num_samples", "num_missing"}
+    assert res["benchmark"] == "vsibench" and res["profile"] == "official"
+    assert res["overall"] == pytest.approx(100 * (0.55 + 1 + 0 + 0 + 1 + 2 / 3 + 0 + 1) / 8)
+    assert res["num_missing"] == 1 and res["num_samples"] == 11
+    scored = [json.loads(x) for x in (out / "scored.jsonl").read_text().splitlines()]
+    assert scored[0]["parsed"] == "5" and scored[0]["score"] == pytest.approx(0.6)
+
+    res, _ = _score(tmp_path, "blink", make_blink(tmp_path / "blink"),
+                    {"val_Multi-view_Reasoning_1": "A", "val_Multi-view_Reasoning_2": "(A)",
+                     "val_Multi-view_Reasoning_3": "A", "val_Multi-view_Reasoning_4": "(B)",
+                     "val_Relative_Depth_1": "B", "val_Relative_Depth_2": "A", "val_Counting_1": "(C)",
+                     "val_Art_Style_1": "B"})
+    assert res["overall"] == pytest.approx(56.25) and res["multi_view_reasoning"] == pytest.approx(75.0)
+
+    res, _ = _score(tmp_path, "all_angles", make_all_angles(tmp_path / "aa"),
+                    {"0": "B", "1": "A.", "2": "(A)", "3": "left", "4": "The answer is (B)", "5": "C", "7": "three"})
+    assert res["overall"] == pytest.approx(62.5) and res["num_missing"] == 1 and res["judge_unavailable"] == 1
+
+    res, _ = _score(tmp_path, "mmsi", make_mmsi(tmp_path / "mmsi"),
+                    {"0": "A", "1": "``B``", "2": "The answer is C.", "3": "A bike", "4": "{D}"})
+    assert res["overall"] == pytest.approx(80.0)
+
+
+def test_score_lmms_eval_profile(tmp_path):
+    res, _ = _score(tmp_path, "vsibench", make_vsibench(tmp_path / "vsi", videos=False),
+                    {"0": "four", "10": "There are ten lamps."}, "--profile", "lmms_eval")
+    assert res["profile"] == "lmms_eval" and res["categories"]["object_counting"] == pytest.approx(100.0)
+
+
+def test_score_does_not_open_media(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)  # no videos at all: scoring must still work
+    res, _ = _score(tmp_path, "vsibench", root, {})
+    assert res["overall"] == 0.0 and res["num_missing"] == 11
+
+
+def test_malformed_predictions_line_is_named(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    p = _write_preds(tmp_path / "p.jsonl", {"0": "4"}, extra_lines=['{"sample_id": "1", "raw_output": 3}',
+                                                                   '{"sample_id": 2'])
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code != 0 and "p.jsonl:2: 'raw_output' must be a string" in r.output
+    p.write_text('{"sample_id": "0", "raw_output": "4"}\n\nnot json\n')
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code != 0 and "p.jsonl:3: not valid JSON" in r.output
+
+
+def test_cli_data_errors(tmp_path):
+    p = _write_preds(tmp_path / "p.jsonl", {})
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(tmp_path), "-p", str(p), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code != 0 and "no test.jsonl" in r.output
+    r = CliRunner().invoke(main, ["score", "-b", "nope", "--data", str(tmp_path), "-p", str(p), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code != 0 and "unknown benchmark 'nope'" in r.output
+    r = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "missing --benchmark, --data, --model" in r.output
+
+
+def test_eval_missing_video_errors_before_model_load(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    r = CliRunner().invoke(main, ["eval", "-b", "vsibench", "--data", str(root), "--model", "does-not-matter",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "vsibench sample 0: video file not found" in r.output
+
+
+def test_compare_writes_table_and_png(tmp_path):
+    root = make_blink(tmp_path / "blink")
+    base, _ = _score(tmp_path, "blink", root, {"val_Multi-view_Reasoning_1": "A", "val_Counting_1": "(C)"})
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "results.json").write_text(json.dumps(base))
+    new, _ = _score(tmp_path, "blink", root, {f"val_Multi-view_Reasoning_{i}": a for i, a in
+                                              zip(range(1, 5), "AABB")})
+    (tmp_path / "gasp").mkdir()
+    (tmp_path / "gasp" / "results.json").write_text(json.dumps(new))
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["eval", "--compare", str(tmp_path / "base" / "results.json"),
+                                  str(tmp_path / "gasp" / "results.json"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "compare.md").read_text()
+    assert "| multi_view_reasoning | 25.00 | 100.00 | +75.00 |" in md
+    assert "| Counting | 100.00 | 0.00 | -100.00 |" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "compare.json").read_text())["rows"][0]["name"] == "overall"

@@ -1,0 +1,112 @@
+"""run_eval with a fake generator: prompts, frames, recorded settings, crash + resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from gasp_vlm.bench.fixtures import make_all_angles, make_blink, make_mmsi, make_vsibench
+from gasp_vlm.bench.media import MediaError
+from gasp_vlm.bench.runner import run_eval
+
+
+class FakeGenerator:
+    """Answers "A" to everything; can be told to crash on its n-th call."""
+
+    def __init__(self, crash_on_call: int | None = None, answer: str = "A"):
+        self.calls: list[list[dict]] = []
+        self.crash_on_call = crash_on_call
+        self.answer = answer
+
+    def __call__(self, requests):
+        self.calls.append(requests)
+        if self.crash_on_call is not None and len(self.calls) == self.crash_on_call:
+            raise RuntimeError("simulated crash")
+        return [self.answer for _ in requests]
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_vsibench_requests_frames_and_run_json(tmp_path):
+    root = make_vsibench(tmp_path / "vsi")
+    gen = FakeGenerator()
+    res = run_eval("vsibench", root, gen, tmp_path / "out", model_name="fake", frames=4, batch_size=3, progress=False)
+    reqs = [r for call in gen.calls for r in call]
+    assert [len(c) for c in gen.calls] == [3, 3, 3, 2]
+    assert reqs[0]["images"] is None and len(reqs[0]["video"]) == 4
+    assert all(isinstance(f, Image.Image) for f in reqs[0]["video"])
+    assert reqs[0]["prompt"].startswith("These are frames of a video.\nHow many chair(s)")
+    preds = _lines(tmp_path / "out" / "predictions.jsonl")
+    assert preds[0]["frame_indices"] == [0, 2, 4, 7] and preds[0]["prompt"] == reqs[0]["prompt"]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["frames"] == 4 and run["generation"] == {"max_new_tokens": 16, "do_sample": False}
+    assert {"transformers", "torch", "av"} <= set(run["versions"]) and run["num_generated"] == 11
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved == res and res["num_missing"] == 0 and res["frames"] == 4
+    # "A" is right for rel_direction_easy and route_planning and appearance order; numeric answers score 0
+    assert res["categories"]["route_planning"] == 100.0 and res["categories"]["object_counting"] == 0.0
+
+
+def test_default_frames_is_32(tmp_path):
+    root = make_vsibench(tmp_path / "vsi")
+    gen = FakeGenerator()
+    run_eval("vsibench", root, gen, tmp_path / "out", limit=1, progress=False)
+    assert len(gen.calls[0][0]["video"]) == 32
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["frames"] == 32
+
+
+def test_crash_then_resume_with_truncated_line(tmp_path):
+    root = make_blink(tmp_path / "blink")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_eval("blink", root, FakeGenerator(crash_on_call=3), out, batch_size=2, progress=False)
+    pred_path = out / "predictions.jsonl"
+    assert len(_lines(pred_path)) == 4
+    with pred_path.open("a") as f:  # what a kill mid-write leaves behind
+        f.write('{"sample_id": "val_Counting_1", "raw_out')
+    gen = FakeGenerator()
+    res = run_eval("blink", root, gen, out, batch_size=2, progress=False)
+    assert sum(len(c) for c in gen.calls) == 4  # only the 4 unanswered samples
+    ids = [r["sample_id"] for r in _lines(pred_path)]
+    assert len(ids) == len(set(ids)) == 8 and res["num_missing"] == 0
+    assert json.loads((out / "run.json").read_text())["resumed_with_done"] == 4
+    # a third run has nothing left to generate and reproduces the same scores
+    gen3 = FakeGenerator()
+    assert run_eval("blink", root, gen3, out, progress=False) == res and gen3.calls == []
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    root = make_vsibench(tmp_path / "vsi")
+    run_eval("vsibench", root, FakeGenerator(), tmp_path / "out", frames=2, limit=1, progress=False)
+    with pytest.raises(ValueError, match="different settings.*frames: 2 -> 4"):
+        run_eval("vsibench", root, FakeGenerator(), tmp_path / "out", frames=4, limit=1, progress=False)
+
+
+def test_missing_video_fails_before_generation(tmp_path):
+    root = make_vsibench(tmp_path / "vsi")
+    (root / "scannet" / "scene0011_00.mp4").unlink()
+    gen = FakeGenerator()
+    with pytest.raises(MediaError, match=r"vsibench sample 1: video file not found: .*scannet/scene0011_00.mp4"):
+        run_eval("vsibench", root, gen, tmp_path / "out", progress=False)
+    assert gen.calls == []
+
+
+@pytest.mark.parametrize("name,maker,n_images", [("all_angles", make_all_angles, 2), ("mmsi", make_mmsi, 2),
+                                                 ("blink", make_blink, 3)])
+def test_image_benchmarks_feed_all_views_in_order(tmp_path, name, maker, n_images):
+    root = maker(tmp_path / name)
+    gen = FakeGenerator(answer="``A``" if name == "mmsi" else "A")
+    res = run_eval(name, root, gen, tmp_path / "out", limit=1, progress=False)
+    req = gen.calls[0][0]
+    assert req["video"] is None and len(req["images"]) == n_images
+    assert all(isinstance(i, Image.Image) and i.mode == "RGB" for i in req["images"])
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert res["num_samples"] == 1 and run["frames"] is None
+    # VLMEvalKit's Qwen sizing is official for All-Angles/MMSI; BLINK leaves sizing to the model
+    official_px = {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
+    expected = None if name == "blink" else official_px
+    assert run["pixels"] == expected and {k: req[k] for k in official_px if k in req} == (expected or {})
