@@ -81,3 +81,50 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = np.array([0.0,
     y = np.cross(z, x)
     rot = np.stack([x, y, z], axis=0)  # rows: camera axes in world coordinates
     return np.concatenate([rot, (-rot @ eye)[:, None]], axis=1)
+
+
+def project_world(points_world: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World points (..., 3) -> (uv (..., 2), z (...)) in the camera ``cam_from_world`` (3, 4) with K (3, 3)."""
+    return project(world_to_cam(points_world, cam_from_world), K)
+
+
+def to_homogeneous(rigid_3x4: np.ndarray) -> np.ndarray:
+    """(..., 3, 4) -> (..., 4, 4) with the last row [0, 0, 0, 1]."""
+    rigid_3x4 = np.asarray(rigid_3x4, dtype=np.float64)
+    bottom = np.zeros(rigid_3x4.shape[:-2] + (1, 4))
+    bottom[..., 0, 3] = 1.0
+    return np.concatenate([rigid_3x4, bottom], axis=-2)
+
+
+def cam_from_world_from_c2w(cam_to_world: np.ndarray) -> np.ndarray:
+    """(..., 3|4, 4) camera-to-world (OpenCV axes) -> (..., 3, 4) cam_from_world."""
+    return invert_extrinsics(np.asarray(cam_to_world, dtype=np.float64)[..., :3, :4])
+
+
+def opengl_to_opencv_c2w(c2w_gl: np.ndarray) -> np.ndarray:
+    """(..., 3|4, 4) camera-to-world with OpenGL camera axes (x right, y up, z back) -> OpenCV axes.
+
+    Only the camera axes change (flip y and z columns of the rotation); the world frame is kept.
+    """
+    c2w = np.array(c2w_gl, dtype=np.float64)
+    c2w[..., :3, 1:3] *= -1.0
+    return c2w
+
+
+def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """K (..., 3, 3) of an image resized by (sx, sy). Exact with pixel centres at +0.5 (edges scale)."""
+    K = np.array(K, dtype=np.float64)
+    K[..., 0, :] *= sx
+    K[..., 1, :] *= sy
+    return K
+
+
+def rotation_angle(rot_a: np.ndarray, rot_b: np.ndarray) -> float:
+    """Geodesic angle (radians) between two rotations (3, 3)."""
+    rel = np.asarray(rot_a, dtype=np.float64) @ np.asarray(rot_b, dtype=np.float64).T
+    return float(np.arccos(np.clip((np.trace(rel) - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def camera_center(cam_from_world: np.ndarray) -> np.ndarray:
+    """(..., 3, 4) -> (..., 3) camera centre in world coordinates."""
+    return invert_extrinsics(cam_from_world)[..., :3, 3]

@@ -1,0 +1,162 @@
+"""Training sequences from a folder of canonical scenes (data/scene.py), as in the GASP paper.
+
+Sampling: an anchor frame, then further frames drawn uniformly *without replacement* from the window
+|i - anchor| <= radius (default 48) inside the scene (with replacement only when the window holds
+fewer frames than asked for, as VGGT's ``get_nearby_ids`` always does). Everything is a pure function
+of (seed, index): the same seed gives the same sequence in any process or DataLoader worker, and the
+global numpy/torch RNGs are never touched.
+
+Index space: scene k contributes one index per anchor ``range(0, n_frames_k, anchor_stride)``;
+index -> (scene, anchor) in scene-name order.
+
+Frame order in a sample: temporal (ascending frame id, the anchor at its place; ``anchor_first=True``
+puts it first, as VGGT does). ``num_frames`` counts every frame of the sample, the anchor included
+(the trainer's protocol, train/stream.py); the paper's 8-24 further frames are num_frames 9-25.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene
+from gasp_vlm.data.targets import GRIDS, TokenTargets, build_token_targets
+
+if TYPE_CHECKING:
+    from gasp_vlm.models.layout import TokenLayout
+
+
+def window_frames(n_frames: int, anchor: int, count: int, radius: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` further frame ids (int64) drawn uniformly from |i - anchor| <= radius, i != anchor, inside
+    [0, n_frames). Without replacement when the window is large enough, else with replacement; a
+    one-frame scene repeats the anchor. Prefix-stable: a larger count extends a smaller one."""
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    lo, hi = max(0, anchor - radius), min(n_frames - 1, anchor + radius)
+    cand = np.array([i for i in range(lo, hi + 1) if i != anchor], dtype=np.int64)
+    if cand.size == 0:
+        return np.full(count, anchor, np.int64)
+    if cand.size >= count:
+        return rng.permutation(cand)[:count]
+    return rng.choice(cand, size=count, replace=True)
+
+
+class GeometrySequenceSource:
+    """Map-style geometry source over a dataset folder (the trainer's source protocol, train/stream.py).
+
+    ``sample(index, num_frames)`` -> dict(kind="geo", frames=[(H, W, 3) uint8], depths=[(H, W) float32],
+    K=(F, 3, 3), cam_from_world=(F, 3, 4), scene=name, frame_ids=[int], anchor=position of the anchor in
+    the lists, objects=[(H, W) int16] or None, meta=scene.json dict, index=index).
+    ``targets(layout, item)`` -> TokenTargets (data/targets.py) for the model's layout of that item.
+    """
+
+    def __init__(self, root: str | os.PathLike, frames_window: int = 48, grid: str = "coarse", seed: int = 0,
+                 anchor_stride: int = 1, fine_per_token: int = 2, anchor_first: bool = False,
+                 rel_tol: float = 0.05, min_valid_fraction: float = 0.5) -> None:
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        if frames_window < 1 or anchor_stride < 1:
+            raise ValueError(f"frames_window and anchor_stride must be >= 1 (got {frames_window}, {anchor_stride})")
+        self.root = Path(root)
+        self.scenes: list[Scene] = [load_scene(d) for d in list_scene_dirs(self.root)]
+        if not self.scenes:
+            raise SceneError(f"{self.root}: no scenes found")
+        self.radius, self.grid, self.seed = int(frames_window), grid, int(seed)
+        self.anchor_stride, self.fine_per_token = int(anchor_stride), int(fine_per_token)
+        self.anchor_first, self.rel_tol, self.min_valid_fraction = anchor_first, rel_tol, min_valid_fraction
+        counts = [-(-s.num_frames // self.anchor_stride) for s in self.scenes]  # ceil
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def describe(self) -> str:
+        """Everything that determines the items (used in diagnostics' resume fingerprints)."""
+        return (f"GeometrySequenceSource(root={self.root}, scenes={[s.name for s in self.scenes]}, seed={self.seed}, "
+                f"radius={self.radius}, grid={self.grid}, fine_per_token={self.fine_per_token}, "
+                f"anchor_stride={self.anchor_stride}, anchor_first={self.anchor_first}, rel_tol={self.rel_tol}, "
+                f"min_valid_fraction={self.min_valid_fraction})")
+
+    def __repr__(self) -> str:
+        return f"GeometrySequenceSource({str(self.root)!r}, {len(self.scenes)} scenes, {len(self)} sequences)"
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """index -> (scene position, anchor frame id)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range ({len(self)} sequences)")
+        k = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return k, int(index - self._starts[k]) * self.anchor_stride
+
+    def frame_ids(self, index: int, num_frames: int) -> tuple[int, list[int], int]:
+        """(scene position, frame ids in sample order, anchor position) of sample ``index``."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        k, anchor = self.locate(index)
+        rng = np.random.default_rng([self.seed, int(index)])
+        others = window_frames(self.scenes[k].num_frames, anchor, num_frames - 1, self.radius, rng)
+        if self.anchor_first:
+            ids = [anchor, *others.tolist()]
+            return k, ids, 0
+        order = sorted(others.tolist())
+        pos = int(np.searchsorted(order, anchor))  # anchor before any repeat of an equal id
+        return k, order[:pos] + [anchor] + order[pos:], pos
+
+    def sample(self, index: int, num_frames: int) -> dict[str, Any]:
+        k, ids, pos = self.frame_ids(index, num_frames)
+        sc = self.scenes[k]
+        objects = [sc.objects(i) for i in ids] if sc.has_objects else None
+        return dict(kind="geo", frames=[sc.image(i) for i in ids], depths=[sc.depth(i) for i in ids],
+                    K=sc.intrinsics[ids].copy(), cam_from_world=sc.cam_from_worlds[ids].copy(),
+                    scene=sc.name, frame_ids=ids, anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
+
+    def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:
+        return build_token_targets(layout, item["depths"], item["K"], item["cam_from_world"],
+                                   anchor_frame=int(item["anchor"]), grid=self.grid,
+                                   fine_per_token=self.fine_per_token, rel_tol=self.rel_tol,
+                                   min_valid_fraction=self.min_valid_fraction)
+
+
+class GeometrySequenceDataset(torch.utils.data.Dataset):
+    """Torch Dataset over a source: item i = ``source.sample(i, n)`` with n drawn from
+    ``num_frames`` (an int, or an inclusive (min, max) range) by a generator seeded with (seed, i)
+    -- worker-safe and reproducible (no global RNG)."""
+
+    def __init__(self, source: GeometrySequenceSource, num_frames: int | tuple[int, int] = (9, 25),
+                 seed: int = 0) -> None:
+        self.source = source
+        lo, hi = (num_frames, num_frames) if isinstance(num_frames, int) else num_frames
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_frames range must satisfy 1 <= min <= max, got {num_frames}")
+        self.frames_range, self.seed = (int(lo), int(hi)), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def num_frames(self, index: int) -> int:
+        lo, hi = self.frames_range
+        return int(np.random.default_rng([self.seed, int(index), 1]).integers(lo, hi + 1))
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source.sample(int(index), self.num_frames(index))
+
+
+class SequenceCollator:
+    """Batch of source items -> dict(prepared=PreparedBatch, targets=[TokenTargets], items=[dict]).
+
+    Runs ``adapter.prepare_frames`` (tokeniser + pixel processing only) and the target builder, so it can
+    run inside DataLoader workers; frames of a batch must share one size per sample (the adapter's rule).
+    """
+
+    def __init__(self, adapter, source: GeometrySequenceSource, prompt: str | None = None,
+                 frame_mode: str | None = None) -> None:
+        self.adapter, self.source, self.prompt, self.frame_mode = adapter, source, prompt, frame_mode
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        prepared = self.adapter.prepare_frames([it["frames"] for it in items], prompt=self.prompt,
+                                               frame_mode=self.frame_mode)
+        targets = [self.source.targets(lay, it) for lay, it in zip(prepared.layouts, items)]
+        return dict(prepared=prepared, targets=targets, items=list(items))
