@@ -220,3 +220,36 @@ def test_gelu_operating_point():
     g0, g1 = _gelu_value_and_slope(GELU_INFLECTION)
     assert math.isclose(y.detach().item(), g0, rel_tol=1e-9) and math.isclose(d1.detach().item(), g1, rel_tol=1e-9)
     assert abs(float(d2)) < 1e-9
+
+
+def test_stacked_forward_matches_per_head_calls_and_reaches_every_parameter():
+    """CorrespondenceHeads(x) runs all heads as one batched MLP: same outputs and gradients as L calls."""
+    num_layers, d_model = 3, 24
+    heads = CorrespondenceHeads.random_init(d_model, 5, layers=[0, 2, 4], d_hidden=16, d_out=8, seed=0)
+    assert heads.stackable
+    # Checkpoint compatibility: the per-layer modules and their state-dict names are unchanged.
+    assert list(heads.state_dict()) == [f"{i}.{n}" for i in range(num_layers)
+                                        for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    x = torch.randn(num_layers, 2, 5, d_model, generator=torch.Generator().manual_seed(1))
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(num_layers, 2, 5, 8, generator=torch.Generator().manual_seed(2))
+    out = heads(x1)
+    assert out.shape == (num_layers, 2, 5, 8)
+    (out * w).sum().backward()
+    g_stacked = {n: p.grad.clone() for n, p in heads.named_parameters()}
+    heads.zero_grad(set_to_none=True)
+    ref = torch.stack([h(x2[i]) for i, h in enumerate(heads)])
+    (ref * w).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=0)
+    for n, p in heads.named_parameters():
+        assert p.grad.abs().sum() > 0 and torch.allclose(g_stacked[n], p.grad, atol=1e-6, rtol=0), n
+    # SVD-initialised heads stack too; heads of different shapes do not.
+    ws = [synth_q_proj(d_model, d_model, seed=i)[0] for i in range(2)]
+    assert CorrespondenceHeads.from_q_projs(ws, d_hidden=16, d_out=8).stackable
+    mixed = CorrespondenceHeads([CorrespondenceHead(d_model, 16, 8), CorrespondenceHead(d_model, 12, 8)], [0, 1])
+    assert not mixed.stackable
+    with pytest.raises(ValueError, match="one shape"):
+        mixed(torch.randn(2, 3, d_model))
+    with pytest.raises(ValueError, match="expected"):
+        heads(torch.randn(2, 3, d_model))  # 2 stacked inputs for 3 heads

@@ -144,7 +144,8 @@ def test_anchor_is_excluded_from_candidates():
     assert with_anchor - without > 1.0
 
 
-def test_empty_targets_give_zero_loss_and_zero_grads():
+@pytest.mark.parametrize("batched", [False, True])
+def test_empty_targets_give_zero_loss_and_zero_grads(batched):
     s, num_slots, d_model = 4, 3, 16
     heads = CorrespondenceHeads.random_init(d_model, 2, d_hidden=8, d_out=4, seed=0)
     feats = [torch.randn(2, num_slots * s, d_model, requires_grad=True) for _ in range(2)]
@@ -153,7 +154,8 @@ def test_empty_targets_give_zero_loss_and_zero_grads():
     for targets_list in ([t, None], [None, None]):
         for p in heads.parameters():
             p.grad = None
-        out = gasp_losses(feats, heads, targets_list, s, tau=TAU, lambda_corr=1.0, lambda_depth=1.0)
+        out = gasp_losses(feats, heads, targets_list, s, tau=TAU, lambda_corr=1.0, lambda_depth=1.0,
+                          batched=batched)
         assert out.loss.item() == 0.0 and out.n_pairs == 0
         out.loss.backward()
         for p in heads.parameters():
@@ -188,7 +190,9 @@ def test_depth_gradient_reaches_embeddings_through_soft_matching():
         return depth_consistency_loss(e, t.anchor_tokens, t.target_tokens, t.valid, t.target_depth,
                                       t.target_slots, t.token_depth, t.token_depth_valid, s, TAU)
 
-    eps = 1e-4
+    # The loss runs in fp32: with eps = 1e-4 the round-off of the difference (~1e-7 / 2e-4) broke the
+    # tolerance on ~15% of random draws (draw- and thread-count-dependent); 1e-3: 0 of 200.
+    eps = 1e-3
     ep, em = emb64.clone(), emb64.clone()
     ep[i, 0] += eps
     em[i, 0] -= eps
@@ -252,10 +256,11 @@ def _run_driver(heads, base, targets, s, **kw):
     return out, x.grad.clone(), [p.grad.clone() for p in heads.parameters()]
 
 
-def test_driver_matches_per_sample_reference():
+@pytest.mark.parametrize("batched", [False, True])
+def test_driver_matches_per_sample_reference(batched):
     s = 6
     heads, base, targets = _driver_setup()
-    out, _, _ = _run_driver(heads, base, targets, s, lambda_corr=0.7, lambda_depth=0.3)
+    out, _, _ = _run_driver(heads, base, targets, s, lambda_corr=0.7, lambda_depth=0.3, batched=batched)
     corr_l, depth_l = [], []
     tot_n = 0
     for layer, head in enumerate(heads):
@@ -276,10 +281,11 @@ def test_driver_matches_per_sample_reference():
 
 
 @pytest.mark.parametrize("max_anchors", [None, 3])
-def test_checkpointed_equals_plain(max_anchors):
+@pytest.mark.parametrize("batched", [False, True])
+def test_checkpointed_equals_plain(max_anchors, batched):
     s = 6
     heads, base, targets = _driver_setup(seed=1)
-    kw = dict(lambda_corr=1.0, lambda_depth=0.5, max_anchors=max_anchors)
+    kw = dict(lambda_corr=1.0, lambda_depth=0.5, max_anchors=max_anchors, batched=batched)
     out_c, gx_c, gp_c = _run_driver(heads, base, targets, s, checkpoint=True,
                                     generator=torch.Generator().manual_seed(0), **kw)
     out_p, gx_p, gp_p = _run_driver(heads, base, targets, s, checkpoint=False,
@@ -293,26 +299,34 @@ def test_checkpointed_equals_plain(max_anchors):
         assert 0 < out_c.n_pairs < full.n_pairs
 
 
-def test_driver_variable_token_counts_and_single_head_call():
-    """Samples with different N (list form) and a sample without targets; each head runs once per layer."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_driver_variable_token_counts_and_single_head_call(batched):
+    """Samples with different N (list form) and a sample without targets; each head runs once per layer
+    (per-layer path: one call of each head; batched path: one call of all heads at once)."""
     s, d_model = 6, 16
     heads = CorrespondenceHeads.random_init(d_model, 2, d_hidden=12, d_out=8, seed=0)
     calls = [0] * len(heads)
     for i, h in enumerate(heads):
         h.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    all_calls = []
+    heads.register_forward_hook(lambda _m, args, out: all_calls.append((tuple(args[0].shape), tuple(out.shape))))
     x4, x3, xt = torch.randn(4 * s, d_model), torch.randn(3 * s, d_model), torch.randn(2 * s, d_model)
     t4 = random_targets(4, s, t_slots=(1, 2, 3), seed=0)
     t3 = random_targets(3, s, t_slots=(1, 2), seed=1)
     feats = [[x4, x3, xt], [x4 * 2, x3 * 2, xt * 2]]
-    out = gasp_losses(feats, heads, [t4, t3, None], s, tau=TAU, checkpoint=False)
-    assert calls == [1, 1]
+    out = gasp_losses(feats, heads, [t4, t3, None], s, tau=TAU, checkpoint=False, batched=batched)
+    if batched:  # one batched call on the (L, ΣN_b, D) rows of the samples with targets
+        assert calls == [0, 0] and all_calls == [((2, 7 * s, d_model), (2, 7 * s, 8))]
+    else:
+        assert calls == [1, 1] and all_calls == []
     ref0 = gasp_layer_losses(heads[0](x4).detach(), *layer_args(t4, s), tau=TAU)
     ref1 = gasp_layer_losses(heads[0](x3).detach(), *layer_args(t3, s), tau=TAU)
     n = ref0["n_pairs"] + ref1["n_pairs"]
     corr0 = (ref0["corr"] * ref0["n_pairs"] + ref1["corr"] * ref1["n_pairs"]) / n
     assert torch.allclose(out.per_layer_corr[0], corr0, atol=1e-5)
     # λ_depth = 0: the depth term is skipped.
-    out0 = gasp_losses(feats, heads, [t4, t3, None], s, tau=TAU, lambda_depth=0.0, checkpoint=False)
+    out0 = gasp_losses(feats, heads, [t4, t3, None], s, tau=TAU, lambda_depth=0.0, checkpoint=False,
+                       batched=batched)
     assert out0.depth.item() == 0.0 and out0.n_depth_pairs == 0
     assert torch.allclose(out0.corr, out.corr)
 
@@ -326,3 +340,134 @@ def test_similarities_stay_fp32_under_bf16_autocast():
         out = gasp_layer_losses(emb, *layer_args(t, s), tau=TAU)
     assert out["corr"].dtype == torch.float32
     assert torch.allclose(out["corr"], ref["corr"]) and torch.allclose(out["depth"], ref["depth"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched (all layers at once) path == per-layer path: values and gradients
+# ---------------------------------------------------------------------------------------------
+def _equiv_setup(num_layers, seed=0, s=6, num_slots=4, d_model=16, kinds=("own", "other", "none", "empty")):
+    """Heads and per-layer leaf features (B, N, D); one sample per kind of targets:
+    own: the anchor's own slot is a target (trivial pair, anchor excluded from the depth softmax),
+    other: anchors outside the target slots, none: no targets, empty: targets without a valid pair."""
+    g = torch.Generator().manual_seed(seed)
+    heads = CorrespondenceHeads.random_init(d_model, num_layers, d_hidden=12, d_out=8, seed=seed)
+    feats = [torch.randn(len(kinds), num_slots * s, d_model, generator=g) for _ in range(num_layers)]
+    targets = []
+    for b, kind in enumerate(kinds):
+        if kind == "none":
+            targets.append(None)
+            continue
+        t = random_targets(num_slots, s, m=7, t_slots=(0, 2, 3) if kind == "own" else (1, 2, 3), seed=seed + b)
+        if kind == "empty":
+            t.valid = torch.zeros_like(t.valid)
+        targets.append(t)
+    return heads, feats, targets
+
+
+def _run(heads, feats, targets, s, form="tensor", **kw):
+    heads.zero_grad(set_to_none=True)
+    xs = [f.clone().requires_grad_(True) for f in feats]
+    entries = xs if form == "tensor" else [list(x.unbind(0)) for x in xs]
+    out = gasp_losses(entries, heads, targets, s, tau=TAU, **kw)
+    out.loss.backward()
+    return out, [x.grad for x in xs], {n: p.grad.clone() for n, p in heads.named_parameters()}
+
+
+def _assert_same(a, b, atol=1e-5):
+    out_a, gx_a, gp_a = a
+    out_b, gx_b, gp_b = b
+    assert out_a.n_pairs == out_b.n_pairs and out_a.n_depth_pairs == out_b.n_depth_pairs
+    for f in ("loss", "corr", "depth", "per_layer_corr", "per_layer_depth"):
+        assert torch.allclose(getattr(out_a, f), getattr(out_b, f), atol=atol, rtol=0), f
+    for ga, gb in zip(gx_a, gx_b):
+        assert torch.allclose(ga, gb, atol=atol, rtol=0)
+    assert gp_a.keys() == gp_b.keys()
+    for n in gp_a:
+        assert torch.allclose(gp_a[n], gp_b[n], atol=atol, rtol=0), n
+
+
+@pytest.mark.parametrize("num_layers", [1, 3, 5])
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("max_anchors", [None, 3])
+def test_batched_equals_per_layer(num_layers, checkpoint, max_anchors):
+    s = 6
+    heads, feats, targets = _equiv_setup(num_layers, seed=num_layers)
+    kw = dict(lambda_corr=0.7, lambda_depth=0.4, checkpoint=checkpoint, max_anchors=max_anchors)
+    per_layer = _run(heads, feats, targets, s, batched=False, generator=torch.Generator().manual_seed(5), **kw)
+    batched = _run(heads, feats, targets, s, batched=True, generator=torch.Generator().manual_seed(5), **kw)
+    _assert_same(per_layer, batched)
+    out = batched[0]
+    assert out.n_pairs > 0 and out.n_depth_pairs > 0 and out.per_layer_corr.shape == (num_layers,)
+    if max_anchors is not None:  # the same generator draws the same anchors (≤ 3 per sample)
+        full = _run(heads, feats, targets, s, batched=True, **dict(kw, max_anchors=None))[0]
+        assert out.n_pairs < full.n_pairs
+    # Every head parameter and every layer's features get a (non-zero) gradient.
+    assert all(g.abs().sum() > 0 for g in batched[2].values())
+    assert all(g.abs().sum() > 0 for g in batched[1])
+
+
+@pytest.mark.parametrize("layer_chunk", [1, 2, 4])
+def test_batched_layer_chunks_and_list_form(layer_chunk):
+    s = 6
+    heads, feats, targets = _equiv_setup(4, seed=7)
+    kw = dict(lambda_corr=1.0, lambda_depth=0.5, max_anchors=4)
+    ref = _run(heads, feats, targets, s, batched=False, generator=torch.Generator().manual_seed(1), **kw)
+    chunked = _run(heads, feats, targets, s, batched=True, layer_chunk=layer_chunk,
+                   generator=torch.Generator().manual_seed(1), **kw)
+    listed = _run(heads, feats, targets, s, form="list", batched=True, layer_chunk=layer_chunk,
+                  generator=torch.Generator().manual_seed(1), **kw)
+    _assert_same(ref, chunked)
+    _assert_same(ref, listed)
+
+
+def test_batched_variable_token_counts_generic_heads_and_corr_only():
+    """List form with different N per sample; plain nn.Linear heads (not stackable: one call each, loss
+    still batched); λ_depth = 0 (depth skipped)."""
+    s, d_model = 6, 16
+    torch.manual_seed(0)
+    x4, x3, xt = torch.randn(4 * s, d_model), torch.randn(3 * s, d_model), torch.randn(2 * s, d_model)
+    t4 = random_targets(4, s, t_slots=(0, 2, 3), seed=0)
+    t3 = random_targets(3, s, t_slots=(1, 2), seed=1)
+    mats = [x * (1.0 + 0.5 * layer) for layer in range(3) for x in (x4, x3, xt)]
+    for heads in (CorrespondenceHeads.random_init(d_model, 3, d_hidden=12, d_out=8, seed=1),
+                  torch.nn.ModuleList([torch.nn.Linear(d_model, 8) for _ in range(3)])):
+        for lambda_depth in (0.5, 0.0):
+            results = []
+            for batched in (False, True):
+                heads.zero_grad(set_to_none=True)
+                xs = [m.clone().requires_grad_(True) for m in mats]
+                feats = [xs[3 * layer:3 * layer + 3] for layer in range(3)]
+                out = gasp_losses(feats, heads, [t4, t3, None], s, tau=TAU, lambda_depth=lambda_depth,
+                                  batched=batched)
+                out.loss.backward()
+                results.append((out, [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
+                                {n: p.grad.clone() for n, p in heads.named_parameters()}))
+            _assert_same(*results)
+            if lambda_depth == 0:
+                assert results[1][0].n_depth_pairs == 0 and results[1][0].depth.item() == 0.0
+
+
+def test_batched_no_active_sample_keeps_every_head_in_the_graph():
+    s = 6
+    heads, feats, _ = _equiv_setup(3, seed=2)
+    targets = [None] * feats[0].shape[0]
+    for checkpoint in (False, True):
+        out, gx, gp = _run(heads, feats, targets, s, batched=True, checkpoint=checkpoint)
+        assert out.loss.item() == 0.0 and out.n_pairs == 0 and out.per_layer_corr.shape == (3,)
+        assert all(g is not None and torch.count_nonzero(g) == 0 for g in gp.values())
+        assert all(g is not None and torch.count_nonzero(g) == 0 for g in gx)
+
+
+def test_batched_under_bf16_autocast_matches_per_layer():
+    """The heads' matmuls run in bf16 under autocast on both paths (similarities stay fp32)."""
+    s = 6
+    heads, feats, targets = _equiv_setup(3, seed=4)
+    res = []
+    for batched in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res.append(_run(heads, feats, targets, s, batched=batched, lambda_depth=0.5))
+    assert res[1][0].loss.dtype == torch.float32
+    for f in ("per_layer_corr", "per_layer_depth"):
+        assert torch.allclose(getattr(res[0][0], f), getattr(res[1][0], f), atol=2e-2, rtol=1e-2), f
+    for n in res[0][2]:
+        assert torch.allclose(res[0][2][n], res[1][2][n], atol=2e-2, rtol=5e-2), n

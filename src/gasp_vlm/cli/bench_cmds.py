@@ -1,7 +1,95 @@
-"""`gasp` sub-commands of this area (filled in by its issue)."""
+"""`gasp bench train-step`: step time (and GPU peak memory) of a GASP step vs the LM-only step.
+
+Same random-initialised model, same batches; prints JSON. Targets from the issue: CPU, hidden >= 1024,
+8 frames -> ratio <= 1.15; GPU, 7B-shaped Qwen2.5-VL, 16 frames -> time ratio <= 1.05, memory <= 1.10.
+"""
 
 from __future__ import annotations
+
+import json
+import os
 
 import click
 
 from gasp_vlm.cli import main
+
+# Qwen2.5-VL-7B shapes (config.json of Qwen/Qwen2.5-VL-7B-Instruct); the layer count is overridable.
+QWEN2_5_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                          vocab_size=152064, max_position_embeddings=128000)
+QWEN2_5_VL_7B_VISION = {"vision.depth": 32, "vision.hidden_size": 1280, "vision.intermediate_size": 3420,
+                        "vision.num_heads": 16, "vision.window_size": 112, "vision.fullatt_block_indexes": [7, 15, 23, 31]}
+
+
+@main.group("bench")
+def bench() -> None:
+    """Performance benchmarks."""
+
+
+@bench.command("train-step")
+@click.option("--model", "model_kind", type=click.Choice(["tiny", "qwen2.5-vl-7b"]), default="tiny", show_default=True,
+              help="tiny: tiny-qwen2.5-vl resized by --hidden/--layers; qwen2.5-vl-7b: 7B shapes (random init).")
+@click.option("--hidden", type=int, default=1024, show_default=True, help="LLM hidden size (tiny model).")
+@click.option("--layers", type=int, default=4, show_default=True, help="Decoder layers (both models).")
+@click.option("--vision-depth", type=int, default=None, help="Vision blocks (7B model: default 32).")
+@click.option("--frames", type=int, default=8, show_default=True)
+@click.option("--frame-size", type=int, default=224, show_default=True, help="Square frame side in pixels (28 px per token).")
+@click.option("--lora-r", type=int, default=64, show_default=True, help="LoRA rank (0 = full fine-tuning).")
+@click.option("--head-hidden", type=int, default=1024, show_default=True)
+@click.option("--head-out", type=int, default=256, show_default=True)
+@click.option("--max-anchors", type=int, default=None, help="Anchors per sample (default: all).")
+@click.option("--steps", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--no-checkpointing", is_flag=True, help="Disable activation checkpointing.")
+def train_step(model_kind, hidden, layers, vision_depth, frames, frame_size, lora_r, head_hidden, head_out,
+               max_anchors, steps, warmup, device, threads, precision, no_checkpointing) -> None:
+    """Median step time of LM-only vs GASP (same model, same batches) and their ratio, as JSON."""
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from gasp_vlm.train.recipe import benchmark_train_step
+
+    cfg = build_bench_config(model_kind, hidden, layers, vision_depth, frames, frame_size, lora_r, head_hidden,
+                             head_out, max_anchors, precision, not no_checkpointing, steps + warmup)
+    res = benchmark_train_step(cfg, steps=steps, warmup=warmup)
+    res["model"] = model_kind
+    res["lora_r"] = lora_r
+    click.echo(json.dumps(res, indent=2))
+
+
+def build_bench_config(model_kind: str, hidden: int, layers: int, vision_depth: int | None, frames: int,
+                       frame_size: int, lora_r: int, head_hidden: int, head_out: int, max_anchors: int | None,
+                       precision: str, checkpointing: bool, max_steps: int):
+    """The GASP TrainConfig the benchmark times (the LM-only control is derived from it)."""
+    import torch
+
+    from gasp_vlm.train.config import config_from_dict
+
+    if model_kind == "tiny":
+        heads = max(1, hidden // 64)
+        overrides = dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4))
+        if vision_depth:
+            overrides["vision.depth"] = vision_depth
+        dtype = "float32"
+    else:
+        overrides = {**QWEN2_5_VL_7B_TEXT, "num_hidden_layers": layers, **QWEN2_5_VL_7B_VISION}
+        if vision_depth:
+            overrides["vision.depth"] = vision_depth
+            overrides["vision.fullatt_block_indexes"] = [i for i in (7, 15, 23, 31) if i < vision_depth] or [vision_depth - 1]
+        on_gpu = torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU")
+        dtype = "bfloat16" if on_gpu else "float32"
+    side = frame_size // 28 * 28
+    return config_from_dict({
+        "model": {"name": "tiny-qwen2.5-vl", "dtype": dtype, "overrides": overrides, "max_pixels": side * side},
+        "lora": {"enabled": lora_r > 0, "r": max(lora_r, 1), "alpha": 2 * max(lora_r, 1)},
+        "gasp": {"d_hidden": head_hidden, "d_out": head_out, "max_anchors": max_anchors, "calib_tokens": 0},
+        "optim": {"max_steps": max_steps + 1},
+        "data": {"geometry": ["toy"], "frames_min": frames, "frames_max": frames, "frame_hw": [side, side]},
+        "precision": precision, "activation_checkpointing": checkpointing, "report_to": [],
+    })

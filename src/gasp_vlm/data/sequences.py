@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene
-from gasp_vlm.data.targets import GRIDS, TokenTargets, build_token_targets
+from gasp_vlm.data.targets import GRIDS, TokenTargets, build_multi_anchor_targets, build_token_targets
 
 if TYPE_CHECKING:
     from gasp_vlm.models.layout import TokenLayout
@@ -45,6 +45,10 @@ def window_frames(n_frames: int, anchor: int, count: int, radius: int, rng: np.r
     return rng.choice(cand, size=count, replace=True)
 
 
+# "one": the paper's single anchor frame per sequence; "all": every frame an anchor in turn.
+ANCHOR_MODES = ("one", "all")
+
+
 class GeometrySequenceSource:
     """Map-style geometry source over a dataset folder (the trainer's source protocol, train/stream.py).
 
@@ -56,7 +60,14 @@ class GeometrySequenceSource:
 
     def __init__(self, root: str | os.PathLike, frames_window: int = 48, grid: str = "coarse", seed: int = 0,
                  anchor_stride: int = 1, fine_per_token: int = 2, anchor_first: bool = False,
-                 rel_tol: float = 0.05, min_valid_fraction: float = 0.5) -> None:
+                 rel_tol: float = 0.05, min_valid_fraction: float = 0.5, anchors: str = "one",
+                 cache_frames: bool = False) -> None:
+        # cache_frames: keep decoded images/depths/object maps in memory (small datasets, e.g. the demo's:
+        # PNG decoding otherwise costs as much as a tiny model's training step)
+        self._cache: dict[tuple[int, str, int], np.ndarray] | None = {} if cache_frames else None
+        if anchors not in ANCHOR_MODES:
+            raise ValueError(f"anchors must be one of {ANCHOR_MODES}, got {anchors!r}")
+        self.anchors = anchors
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
         if frames_window < 1 or anchor_stride < 1:
@@ -105,19 +116,32 @@ class GeometrySequenceSource:
         pos = int(np.searchsorted(order, anchor))  # anchor before any repeat of an equal id
         return k, order[:pos] + [anchor] + order[pos:], pos
 
+    def _read(self, k: int, kind: str, i: int) -> np.ndarray:
+        if self._cache is None:
+            return getattr(self.scenes[k], kind)(i)
+        key = (k, kind, i)
+        if key not in self._cache:
+            self._cache[key] = getattr(self.scenes[k], kind)(i)
+        return self._cache[key]
+
     def sample(self, index: int, num_frames: int) -> dict[str, Any]:
         k, ids, pos = self.frame_ids(index, num_frames)
         sc = self.scenes[k]
-        objects = [sc.objects(i) for i in ids] if sc.has_objects else None
-        return dict(kind="geo", frames=[sc.image(i) for i in ids], depths=[sc.depth(i) for i in ids],
+        objects = [self._read(k, "objects", i) for i in ids] if sc.has_objects else None
+        return dict(kind="geo", frames=[self._read(k, "image", i) for i in ids],
+                    depths=[self._read(k, "depth", i) for i in ids],
                     K=sc.intrinsics[ids].copy(), cam_from_world=sc.cam_from_worlds[ids].copy(),
                     scene=sc.name, frame_ids=ids, anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
 
     def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:
-        return build_token_targets(layout, item["depths"], item["K"], item["cam_from_world"],
-                                   anchor_frame=int(item["anchor"]), grid=self.grid,
-                                   fine_per_token=self.fine_per_token, rel_tol=self.rel_tol,
-                                   min_valid_fraction=self.min_valid_fraction)
+        kw = dict(grid=self.grid, fine_per_token=self.fine_per_token, rel_tol=self.rel_tol,
+                  min_valid_fraction=self.min_valid_fraction)
+        if self.anchors == "all":  # every frame an anchor in turn (more pairs per step; training only)
+            a = int(item["anchor"])
+            order = [a] + [f for f in range(len(item["frames"])) if f != a]
+            return build_multi_anchor_targets(layout, item["depths"], item["K"], item["cam_from_world"], order, **kw)
+        return build_token_targets(layout, item["depths"], item["K"], item["cam_from_world"], anchor_frame=int(item["anchor"]),
+                                   **kw)
 
 
 class GeometrySequenceDataset(torch.utils.data.Dataset):

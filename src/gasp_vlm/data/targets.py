@@ -251,3 +251,53 @@ def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np
         target_depth=torch.from_numpy(target_depth.astype(np.float32)),
         token_depth=torch.from_numpy(tok_depth),
         token_depth_valid=torch.from_numpy(tok_valid))
+
+
+def merge_anchor_targets(per_anchor: Sequence[TokenTargets], num_slots: int) -> TokenTargets:
+    """Stack the targets of several anchor frames of one sequence into one ``TokenTargets``.
+
+    Every row keeps its own anchor token; the target columns become *all* slots (in slot order), and a
+    row's columns for its own anchor slot are invalid. The losses only read anchor_tokens, target_*,
+    valid, target_slots and token_depth, so the merged object trains exactly like the separate ones
+    summed per anchor row (InfoNCE and depth are means over valid pairs). ``anchor_frame`` is the first
+    one's, ``query_uv`` stays per row (each in its own anchor frame): for training, not diagnostics.
+    """
+    if not per_anchor:
+        raise ValueError("merge_anchor_targets: nothing to merge")
+    rows = {k: [] for k in ("anchor_tokens", "query_uv", "target_tokens", "valid", "target_uv", "target_depth")}
+    frames = torch.full((num_slots,), -1, dtype=torch.long)
+    for t in per_anchor:
+        m = t.anchor_tokens.shape[0]
+        cols = t.target_slots.long()  # (T,) slot of each of this anchor's columns
+        tt = torch.full((m, num_slots), -1, dtype=torch.long)
+        valid = torch.zeros((m, num_slots), dtype=torch.bool)
+        uv = torch.full((m, num_slots, 2), float("nan"))
+        depth = torch.zeros((m, num_slots))
+        tt[:, cols], valid[:, cols] = t.target_tokens, t.valid
+        uv[:, cols], depth[:, cols] = t.target_uv, t.target_depth
+        frames[cols] = t.target_frames.long()
+        for k, v in (("anchor_tokens", t.anchor_tokens), ("query_uv", t.query_uv), ("target_tokens", tt),
+                     ("valid", valid), ("target_uv", uv), ("target_depth", depth)):
+            rows[k].append(v)
+    first = per_anchor[0]
+    # The anchor slot's token depth comes from its own anchor frame: gather per slot from the anchor
+    # that owns it (identical pooling for one-frame-per-slot layouts).
+    return TokenTargets(anchor_frame=first.anchor_frame, target_frames=frames,
+                        target_slots=torch.arange(num_slots, dtype=torch.long),
+                        token_depth=first.token_depth, token_depth_valid=first.token_depth_valid,
+                        **{k: torch.cat(v) for k, v in rows.items()})
+
+
+def build_multi_anchor_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np.ndarray,
+                               intrinsics: np.ndarray, cam_from_worlds: np.ndarray,
+                               anchor_frames: Sequence[int], **kw) -> TokenTargets:
+    """``build_token_targets`` for each of ``anchor_frames`` (one per slot at most), merged."""
+    slots_seen: set[int] = set()
+    parts = []
+    for a in anchor_frames:
+        slot = layout.slot_of_frame(int(a))
+        if slot in slots_seen:  # Qwen pair mode: the slot partner would only repeat the same tokens
+            continue
+        slots_seen.add(slot)
+        parts.append(build_token_targets(layout, depths, intrinsics, cam_from_worlds, anchor_frame=int(a), **kw))
+    return merge_anchor_targets(parts, layout.num_slots)

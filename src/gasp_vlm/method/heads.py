@@ -44,6 +44,18 @@ similarities of a linear map are invariant to the per-token RMS scale), and pass
 few hundred hidden states of that layer) so α and μ match the real input scale -- residual streams
 are far from unit scale, and without calibration GELU may leave its near-linear regime.
 Which layer's q_proj initialises which head is the caller's choice (the paper: "the same layer").
+
+All layers at once (``CorrespondenceHeads.forward`` / ``stacked_heads_forward``)
+------------------------------------------------------------------------------
+Each head stays its own module (state-dict names ``{i}.fc1.weight`` ... and the SVD init unchanged,
+so checkpoints are compatible), but the L heads can also run as *one* batched MLP on stacked inputs
+(L, R, d_model): the per-layer weights are ``torch.stack``-ed on every call (differentiable -- the
+backward of the stack hands every per-layer parameter its own slice of the gradient) and applied
+with two ``baddbmm``. That is O(1) kernel launches in L instead of 6·L, which matters when the step
+is bound by Python dispatch / launch overhead (many small per-layer ops) rather than GPU time.
+Transient memory of one call: the stacked weights (L·(d_hidden·d_model + d_out·d_hidden) in the
+parameter dtype, plus their autocast copies) and the hidden activations (L·R·d_hidden, two copies:
+pre- and post-GELU, saved for backward).
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 GELU_INFLECTION = math.sqrt(2.0)  # GELU''(z) = φ(z)(2 − z²) = 0 at z = √2
@@ -166,6 +179,51 @@ class CorrespondenceHead(nn.Module):
         return head
 
 
+def _stack_compatible(heads: Sequence[nn.Module]) -> bool:
+    """True when ``heads`` are ``CorrespondenceHead``s of one shape/dtype/device and one GELU variant."""
+    if len(heads) == 0 or not all(isinstance(h, CorrespondenceHead) for h in heads):
+        return False
+    ref = heads[0]
+
+    def sig(h: CorrespondenceHead):
+        return (h.fc1.weight.shape, h.fc2.weight.shape, h.fc1.bias is None, h.fc2.bias is None,
+                h.fc1.weight.dtype, h.fc1.weight.device, type(h.act), getattr(h.act, "approximate", None))
+
+    return type(ref.act) is nn.GELU and all(sig(h) == sig(ref) for h in heads)
+
+
+def stacked_heads_forward(heads: Sequence[CorrespondenceHead], x: Tensor) -> Tensor:
+    """Apply head l to ``x[l]`` for every l with one batched MLP: (L, *, d_model) -> (L, *, d_out).
+
+    Same math as ``torch.stack([h(x[l]) for l, h in enumerate(heads)])`` (Linear → GELU → Linear, and
+    the same autocast behaviour: ``baddbmm`` is cast like ``linear``), in O(1) ops. The per-layer
+    parameters are stacked on every call, so gradients reach each head's own ``fc1``/``fc2``
+    parameters. Heads must be ``_stack_compatible`` (same shapes/dtype, GELU).
+    """
+    if not _stack_compatible(heads):
+        raise ValueError("stacked_heads_forward needs CorrespondenceHeads of one shape, dtype and GELU variant")
+    num = len(heads)
+    if x.dim() < 2 or x.shape[0] != num:
+        raise ValueError(f"expected ({num}, ..., d_model) inputs, got {tuple(x.shape)}")
+    lead = x.shape[1:-1]
+    x3 = x.reshape(num, -1, x.shape[-1])  # (L, R, d_model)
+    h0 = heads[0]
+    w1 = torch.stack([h.fc1.weight for h in heads])  # (L, d_hidden, d_model)
+    w2 = torch.stack([h.fc2.weight for h in heads])  # (L, d_out, d_hidden)
+    if h0.fc1.bias is not None:
+        b1 = torch.stack([h.fc1.bias for h in heads])  # (L, d_hidden)
+        hid = torch.baddbmm(b1.unsqueeze(1), x3, w1.transpose(1, 2))  # (L, R, d_hidden)
+    else:
+        hid = torch.bmm(x3, w1.transpose(1, 2))
+    hid = F.gelu(hid, approximate=h0.act.approximate)
+    if h0.fc2.bias is not None:
+        b2 = torch.stack([h.fc2.bias for h in heads])  # (L, d_out)
+        out = torch.baddbmm(b2.unsqueeze(1), hid, w2.transpose(1, 2))  # (L, R, d_out)
+    else:
+        out = torch.bmm(hid, w2.transpose(1, 2))
+    return out.reshape(num, *lead, out.shape[-1])
+
+
 def _resolve_layers(num_layers: int, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(num_layers))
@@ -241,6 +299,19 @@ class CorrespondenceHeads(nn.ModuleList):
         else:
             heads = [CorrespondenceHead(d_model, d_hidden, d_out) for _ in idx]
         return cls(heads, idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """All heads at once on stacked inputs: (L, *, d_model) -> (L, *, d_out), ``x[i]`` for ``self[i]``.
+
+        One batched MLP (``stacked_heads_forward``) instead of L head calls; gradients reach every
+        per-layer parameter. Per-layer use stays ``self[i](x_i)`` / ``for_layer(layer)``.
+        """
+        return stacked_heads_forward(list(self), x)
+
+    @property
+    def stackable(self) -> bool:
+        """Whether ``forward`` (the batched path) applies: all heads of one shape/dtype, GELU."""
+        return _stack_compatible(list(self))
 
     def for_layer(self, layer: int) -> CorrespondenceHead:
         return self[self.layer_indices.index(int(layer))]

@@ -34,6 +34,13 @@ from both terms: the positive would not be a candidate.
 No valid pair: the loss is 0 but still a function of ``emb`` (``emb.sum() * 0``), so every head
 parameter gets a zero gradient rather than None and DDP/ZeRO never wait on a missing gradient.
 All similarity math runs in fp32 with autocast disabled (cos/τ with τ = 0.07 magnifies bf16 error).
+
+Multi-layer driver (``gasp_losses``): the targets, hence every mask above, are the same for every
+supervised layer, so by default (``batched=True``) all L layers are processed at once: the heads as one
+batched MLP on the stacked (L, ΣN_b, D) features, one (L, M, N) ``bmm`` per sample, both terms
+vectorised over L with the masks built once per step outside the checkpointed region. The term
+functions below take logits of shape (..., M, N) and broadcast the (M, ·) masks over the leading
+dims, so the per-sample functions and both driver paths share one implementation of the math.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from gasp_vlm.method.heads import CorrespondenceHeads, _stack_compatible, stacked_heads_forward
 
 DEFAULT_TAU = 0.07
 
@@ -103,57 +112,103 @@ def flatten_valid_pairs(anchor_tokens: Tensor, target_tokens: Tensor, valid: Ten
         target_slot=None if target_slots is None else target_slots[col])
 
 
+class _NceMasks(NamedTuple):
+    """Layer-independent inputs of the InfoNCE sums of one sample (M anchors, T targets, N tokens)."""
+
+    cand_out: Tensor  # (M, N) bool, tokens removed from the candidates (the anchor itself [+ extras])
+    pos: Tensor  # (M, T) long, positive token clamped into [0, N) (any value where not ``ok``)
+    ok: Tensor  # (M, T) bool, pairs that contribute
+
+
+def _nce_masks(anchor_idx: Tensor, pos_idx: Tensor, pair_ok: Tensor, num_visual: int,
+               extra_exclude: Tensor | None = None) -> _NceMasks:
+    m, n = anchor_idx.shape[0], int(num_visual)
+    cand_out = torch.zeros(m, n, dtype=torch.bool, device=anchor_idx.device)
+    cand_out[torch.arange(m, device=anchor_idx.device), anchor_idx] = True  # never its own candidate
+    if extra_exclude is not None:
+        cand_out |= extra_exclude
+    return _NceMasks(cand_out, pos_idx.clamp(0, n - 1), pair_ok.bool())
+
+
+def _nce_sums(logits: Tensor, k: _NceMasks) -> Tensor:
+    """Sum of the InfoNCE terms: logits (..., M, N) raw cos/τ -> (...) (the masks broadcast over ...)."""
+    lse = torch.logsumexp(logits.masked_fill(k.cand_out, float("-inf")), dim=-1)  # (..., M)
+    pos = k.pos.expand(*logits.shape[:-2], *k.pos.shape)
+    pos_logit = logits.gather(-1, pos)  # (..., M, T), from the unmasked (finite) logits
+    per_pair = lse[..., None] - pos_logit
+    per_pair = torch.where(k.ok, per_pair, torch.zeros_like(per_pair))
+    return per_pair.sum((-2, -1))
+
+
 def _infonce_terms(logits: Tensor, anchor_idx: Tensor, pos_idx: Tensor, pair_ok: Tensor,
                    extra_exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sum and count of the InfoNCE terms.
 
-    logits (M, N) raw cos/τ; anchor_idx (M,); pos_idx (M, T) (any value where not ``pair_ok``);
-    pair_ok (M, T) bool; extra_exclude (M, N) bool candidates to drop besides the anchor.
+    logits (M, N) raw cos/τ (or (..., M, N): one sum per leading index); anchor_idx (M,); pos_idx
+    (M, T) (any value where not ``pair_ok``); pair_ok (M, T) bool; extra_exclude (M, N) bool
+    candidates to drop besides the anchor.
     """
-    m, n = logits.shape
-    rows = torch.arange(m, device=logits.device)
-    cand_out = torch.zeros(m, n, dtype=torch.bool, device=logits.device)
-    cand_out[rows, anchor_idx] = True  # the anchor is never its own candidate
-    if extra_exclude is not None:
-        cand_out |= extra_exclude
-    lse = torch.logsumexp(logits.masked_fill(cand_out, float("-inf")), dim=1)  # (M,)
-    pos_logit = logits.gather(1, pos_idx.clamp(0, n - 1))  # (M, T), from the unmasked (finite) logits
-    per_pair = lse[:, None] - pos_logit  # (M, T)
-    per_pair = torch.where(pair_ok, per_pair, torch.zeros_like(per_pair))
-    return per_pair.sum(), pair_ok.sum()
+    k = _nce_masks(anchor_idx, pos_idx, pair_ok, logits.shape[-1], extra_exclude)
+    return _nce_sums(logits, k), k.ok.sum()
 
 
-def _depth_terms(logits: Tensor, anchor_idx: Tensor, depth_ok: Tensor, target_depth: Tensor,
-                 target_slots: Tensor, token_depth: Tensor, token_depth_valid: Tensor,
-                 tokens_per_slot: int) -> tuple[Tensor, Tensor]:
-    """Sum and count of |Ê − d*| / d* (see module docstring); logits (M, N) raw cos/τ."""
-    m, n = logits.shape
-    s = int(tokens_per_slot)
+class _DepthMasks(NamedTuple):
+    """Layer-independent inputs of the depth sums of one sample (see ``_depth_terms``)."""
+
+    t_slots: Tensor  # (T,) long
+    keep: Tensor  # (M, T, S) bool, candidates of the soft-argmax (valid depth, not the anchor)
+    fill: Tensor  # (M, T, 1) float, value where not ``keep``: −inf, or 0 for rows without any candidate
+    d_safe: Tensor  # (M, T, S) float, token depth (0 where not ``keep``)
+    d_star: Tensor  # (M, T) float, GT depth (1 where not ``ok``)
+    ok: Tensor  # (M, T) bool, pairs that contribute
+    num_slots: int
+    tokens_per_slot: int
+
+
+def _depth_masks(anchor_idx: Tensor, depth_ok: Tensor, target_depth: Tensor, target_slots: Tensor,
+                 token_depth: Tensor, token_depth_valid: Tensor, tokens_per_slot: int,
+                 num_visual: int) -> _DepthMasks:
+    n, s = int(num_visual), int(tokens_per_slot)
     if n % s:
         raise ValueError(f"{n} visual tokens is not a multiple of tokens_per_slot={s}")
     num_slots = n // s
     t_slots = target_slots.long()
     # Slot-major layout: slot t's tokens are the contiguous range [t*S, (t+1)*S).
-    slot_logits = logits.view(m, num_slots, s)[:, t_slots]  # (M, T, S)
     d = token_depth.float().view(num_slots, s)[t_slots]  # (T, S)
     keep = token_depth_valid.bool().view(num_slots, s)[t_slots] & torch.isfinite(d)  # (T, S)
     # Drop the anchor token where its own slot is a target slot.
     a_slot, a_pos = anchor_idx // s, anchor_idx % s  # (M,)
     is_anchor = (a_slot[:, None, None] == t_slots[None, :, None]) & (
-        torch.arange(s, device=logits.device)[None, None, :] == a_pos[:, None, None])  # (M, T, S)
+        torch.arange(s, device=anchor_idx.device)[None, None, :] == a_pos[:, None, None])  # (M, T, S)
     keep = keep[None] & ~is_anchor  # (M, T, S)
     has_cand = keep.any(-1)  # (M, T)
     ok = depth_ok & has_cand
     # Rows without any candidate get a dummy all-zero row: a −inf row would give NaN gradients.
-    masked = torch.where(keep, slot_logits, torch.full_like(slot_logits, float("-inf")))
-    masked = torch.where(has_cand[..., None], masked, torch.zeros_like(masked))
-    p = torch.softmax(masked, dim=-1)  # (M, T, S)
-    d_safe = torch.where(keep, d[None].expand_as(p), torch.zeros_like(p))
-    e_depth = (p * d_safe).sum(-1)  # (M, T) expected depth Ê
-    d_star = torch.where(ok, target_depth.float(), torch.ones_like(e_depth))
-    rel = (e_depth - d_star).abs() / d_star
-    rel = torch.where(ok, rel, torch.zeros_like(rel))
-    return rel.sum(), ok.sum()
+    fill = torch.where(has_cand, float("-inf"), 0.0)[..., None].to(torch.float32)  # (M, T, 1)
+    d_safe = torch.where(keep, d[None], torch.zeros((), device=d.device))  # (M, T, S)
+    d_star = torch.where(ok, target_depth.float(), torch.ones((), device=d.device))
+    return _DepthMasks(t_slots, keep, fill, d_safe, d_star, ok, num_slots, s)
+
+
+def _depth_sums(logits: Tensor, k: _DepthMasks) -> Tensor:
+    """Sum of |Ê − d*| / d*: logits (..., M, N) raw cos/τ -> (...) (the masks broadcast over ...)."""
+    lead, m = logits.shape[:-2], logits.shape[-2]
+    slot_logits = logits.reshape(*lead, m, k.num_slots, k.tokens_per_slot).index_select(-2, k.t_slots)  # (..., M, T, S)
+    masked = torch.where(k.keep, slot_logits, k.fill)
+    p = torch.softmax(masked, dim=-1)  # (..., M, T, S)
+    e_depth = (p * k.d_safe).sum(-1)  # (..., M, T) expected depth Ê
+    rel = (e_depth - k.d_star).abs() / k.d_star
+    rel = torch.where(k.ok, rel, torch.zeros_like(rel))
+    return rel.sum((-2, -1))
+
+
+def _depth_terms(logits: Tensor, anchor_idx: Tensor, depth_ok: Tensor, target_depth: Tensor,
+                 target_slots: Tensor, token_depth: Tensor, token_depth_valid: Tensor,
+                 tokens_per_slot: int) -> tuple[Tensor, Tensor]:
+    """Sum and count of |Ê − d*| / d* (see module docstring); logits (M, N) (or (..., M, N)) raw cos/τ."""
+    k = _depth_masks(anchor_idx, depth_ok, target_depth, target_slots, token_depth, token_depth_valid,
+                     tokens_per_slot, logits.shape[-1])
+    return _depth_sums(logits, k), k.ok.sum()
 
 
 def _zero_like_graph(emb: Tensor) -> Tensor:
@@ -270,12 +325,11 @@ _TARGET_FIELDS = ("anchor_tokens", "target_tokens", "valid", "target_depth", "ta
                   "token_depth", "token_depth_valid")
 
 
-def _prepare_targets(targets: Any, num_visual: int, device: torch.device, max_anchors: int | None,
-                     generator: torch.Generator | None) -> dict[str, Tensor] | None:
-    """Move one sample's targets to ``device`` and keep only anchors with a usable pair.
+def _select_anchors(targets: Any, num_visual: int, max_anchors: int | None,
+                    generator: torch.Generator | None) -> dict[str, Tensor] | None:
+    """One sample's target fields (on their own device), restricted to anchors with a usable pair.
 
-    Runs outside the checkpointed region so the forward and its recompute see identical rows and
-    the random anchor subset is drawn once per step (shared by all layers).
+    The random anchor subset (``max_anchors``) is drawn here, once per step, from ``generator``.
     """
     if targets is None:
         return None
@@ -289,7 +343,85 @@ def _prepare_targets(targets: Any, num_visual: int, device: torch.device, max_an
         return None
     for f in ("anchor_tokens", "target_tokens", "valid", "target_depth"):
         t[f] = t[f][rows]
-    return {f: v.to(device, non_blocking=True) for f, v in t.items()}
+    return t
+
+
+def _to_device(t: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    def move(v: Tensor) -> Tensor:
+        if v.device == device:
+            return v
+        if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned():
+            # A pageable host->device copy may synchronise with the stream (it would wait for the
+            # whole queued forward); from (cached) pinned memory the copy is truly asynchronous.
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+
+    return {f: move(v) for f, v in t.items()}
+
+
+def _prepare_targets(targets: Any, num_visual: int, device: torch.device, max_anchors: int | None,
+                     generator: torch.Generator | None) -> dict[str, Tensor] | None:
+    """Move one sample's targets to ``device`` and keep only anchors with a usable pair.
+
+    Runs outside the checkpointed region so the forward and its recompute see identical rows and
+    the random anchor subset is drawn once per step (shared by all layers).
+    """
+    t = _select_anchors(targets, num_visual, max_anchors, generator)
+    return None if t is None else _to_device(t, device)
+
+
+class _SampleTargets(NamedTuple):
+    """Everything layer-independent about one sample's loss terms (built once per step, on device)."""
+
+    anchor: Tensor  # (M,) long
+    nce: _NceMasks
+    depth: _DepthMasks | None  # None when the depth term is not computed
+    n_pairs: int  # host-side counts (no device sync when the targets come from the CPU)
+    n_depth_pairs: int
+
+
+def _host_pair_counts(t: dict[str, Tensor], num_visual: int, tokens_per_slot: int,
+                      compute_depth: bool) -> tuple[int, int]:
+    """(#InfoNCE pairs, #depth pairs) of selected targets, on their own device: O(M·T), no (M, T, S).
+
+    Same rule as ``_nce_masks``/``_depth_masks``: the depth row of a pair needs at least one valid-depth
+    token in the target slot other than the anchor token itself.
+    """
+    anchor, tgt = t["anchor_tokens"], t["target_tokens"]
+    ok = pair_mask(anchor, tgt, t["valid"], num_visual)
+    if not compute_depth:
+        return int(ok.sum()), 0
+    td = t["target_depth"]
+    dok = ok & torch.isfinite(td) & (td > 0)
+    n, s = int(num_visual), int(tokens_per_slot)
+    if n % s:
+        raise ValueError(f"{n} visual tokens is not a multiple of tokens_per_slot={s}")
+    t_slots = t["target_slots"].long()
+    d = t["token_depth"].float().view(n // s, s)[t_slots]  # (T, S)
+    keep = t["token_depth_valid"].bool().view(n // s, s)[t_slots] & torch.isfinite(d)  # (T, S)
+    a_slot, a_pos = anchor // s, anchor % s  # (M,)
+    anchor_kept = (a_slot[:, None] == t_slots[None, :]) & keep[:, a_pos].T  # (M, T)
+    has_cand = keep.sum(-1)[None, :] - anchor_kept.long() > 0
+    return int(ok.sum()), int((dok & has_cand).sum())
+
+
+def _prepare_sample(targets: Any, num_visual: int, tokens_per_slot: int, device: torch.device,
+                    max_anchors: int | None, generator: torch.Generator | None,
+                    compute_depth: bool) -> _SampleTargets | None:
+    t = _select_anchors(targets, num_visual, max_anchors, generator)
+    if t is None:
+        return None
+    n_pairs, n_depth = _host_pair_counts(t, num_visual, tokens_per_slot, compute_depth)
+    t = _to_device(t, device)
+    anchor, tgt = t["anchor_tokens"], t["target_tokens"]
+    ok = pair_mask(anchor, tgt, t["valid"], num_visual)
+    nce = _nce_masks(anchor, tgt, ok, num_visual)
+    depth = None
+    if compute_depth:
+        dok = ok & torch.isfinite(t["target_depth"]) & (t["target_depth"] > 0)
+        depth = _depth_masks(anchor, dok, t["target_depth"], t["target_slots"], t["token_depth"],
+                             t["token_depth_valid"], tokens_per_slot, num_visual)
+    return _SampleTargets(anchor, nce, depth, n_pairs, n_depth)
 
 
 def gasp_losses(
@@ -303,6 +435,8 @@ def gasp_losses(
     checkpoint: bool = True,
     max_anchors: int | None = None,
     generator: torch.Generator | None = None,
+    batched: bool = True,
+    layer_chunk: int | None = None,
 ) -> GaspLossOutput:
     """GASP geometric losses of a batch, averaged over the supervised layers.
 
@@ -310,23 +444,169 @@ def gasp_losses(
         per_layer_visual_feats: one entry per supervised layer l (aligned with ``heads``): a
             (B, N, D_model) tensor of visual-token hidden states, or a list of B (N_b, D_model)
             tensors when samples have different token counts.
-        heads: head l is applied to entry l.
+        heads: head l is applied to entry l (a ``CorrespondenceHeads``, or any sequence of modules).
         targets_list: B objects with the ``TokenTargets`` fields (anchor_tokens, target_tokens,
             valid, target_depth, target_slots, token_depth, token_depth_valid) or None for samples
             without geometry (e.g. instruction-tuning samples).
         tokens_per_slot: S, an int or one per sample (``layout.tokens_per_slot``).
-        checkpoint: wrap each layer's head + loss in a non-reentrant ``torch.utils.checkpoint``, so
-            only one layer's head activations and (M, N) logits are alive at a time.
+        checkpoint: non-reentrant ``torch.utils.checkpoint`` around the heads + loss (batched: one
+            region for all layers, or one per ``layer_chunk``; per-layer: one region per layer).
         max_anchors: keep at most this many anchors (those with a usable pair) per sample, drawn
             with ``generator``; the same subset serves every layer.
+        batched: run all layers at once (default): the heads as one batched MLP on the stacked
+            (L, ΣN_b, D_model) features (``CorrespondenceHeads.forward``), the similarities as one
+            (L, M, N) ``bmm`` per sample and both terms vectorised over L with the target masks
+            built once per step (they are the same for every layer). O(1) ops in L instead of O(L):
+            the per-layer path launches ~40 small kernels per layer, ×3 with checkpoint recompute and
+            backward, which makes a 28-layer step CPU (launch/dispatch) bound. Same math; False
+            selects the per-layer path (one head call + loss per layer).
+        layer_chunk: batched path only: process the layers in chunks of this many (one checkpoint
+            region each) to bound the transient memory; None = all layers in one chunk.
 
-    Each head is called exactly once per layer (on the concatenated visual tokens of the samples
-    that have targets, or on one dummy row when none has), so every rank runs every head once per
-    step and all head parameters receive a gradient (zero when there is nothing to supervise).
+    Transient memory of the batched path (alive only inside the checkpointed region, i.e. during its
+    forward and again during its recompute in backward), for K = layer_chunk or L layers, R = ΣN_b
+    head rows, M anchors, N visual tokens, S tokens per slot, T target frames:
+    stacked inputs K·R·D_model (input dtype) + hidden activations 2·K·R·d_hidden (autocast dtype) +
+    stacked head weights K·(d_hidden·D_model + d_out·d_hidden) fp32 (+ autocast copy) + fp32
+    similarity work per sample ≈ 3·K·M·N (logits, masked copy, exp) + 3·K·M·T·S (depth softmax).
+    E.g. K = 28, R = N = 4096, D_model = 3584, d_hidden = 1024, M = 512, T·S = 3584, bf16 autocast:
+    0.8 + 0.4 + 0.6 + 0.7 + 0.6 GiB ≤ 3.1 GiB, not all alive at once: 2.5 GiB peak measured on an
+    H100 (per-layer path: 0.84 GiB). Use ``layer_chunk`` when this does not fit.
+
+    Every head runs exactly once per step (on the concatenated visual tokens of the samples that
+    have targets, or on one dummy row when none has), so every rank runs every head each step and
+    all head parameters receive a gradient (zero when there is nothing to supervise).
     Pairs are pooled over the batch: layer l's term = Σ_b sum_b / Σ_b count_b.
     With ``lambda_depth == 0`` the depth term is not computed (reported as 0, n_depth_pairs 0).
     The λ = 0 LM-only control should not call this at all (and build no heads).
     """
+    num_layers = len(per_layer_visual_feats)
+    if num_layers != len(heads):
+        raise ValueError(f"{num_layers} feature layers but {len(heads)} heads")
+    if num_layers == 0:
+        raise ValueError("gasp_losses needs at least one supervised layer")
+    fn = _gasp_losses_batched if batched else _gasp_losses_per_layer
+    kw = dict(layer_chunk=layer_chunk) if batched else {}
+    return fn(per_layer_visual_feats, heads, targets_list, tokens_per_slot, tau, lambda_corr, lambda_depth,
+              checkpoint, max_anchors, generator, **kw)
+
+
+def _output(corr_sums: Tensor, depth_sums: Tensor, n_pair: Tensor, n_depth: Tensor, lambda_corr: float,
+            lambda_depth: float, n_pairs: int, n_depth_pairs: int) -> GaspLossOutput:
+    """(L,) per-layer sums of both terms; n_pair/n_depth: pair counts (the same for every layer)."""
+    corr_l = corr_sums / n_pair.clamp_min(1.0)  # (L,)
+    depth_l = depth_sums / n_depth.clamp_min(1.0)
+    corr, depth = corr_l.mean(), depth_l.mean()
+    loss = lambda_corr * corr + lambda_depth * depth
+    return GaspLossOutput(
+        loss=loss, corr=corr, depth=depth, per_layer_corr=corr_l.detach(), per_layer_depth=depth_l.detach(),
+        n_pairs=int(n_pairs), n_depth_pairs=int(n_depth_pairs))
+
+
+def _apply_heads(heads: Sequence[nn.Module], x: Tensor, lo: int, hi: int) -> Tensor:
+    """Heads lo..hi-1 on x (hi-lo, R, D_model) -> (hi-lo, R, D_out): one batched MLP when possible."""
+    if isinstance(heads, CorrespondenceHeads) and lo == 0 and hi == len(heads) and heads.stackable:
+        return heads(x)  # through Module.__call__: hooks on the container fire once
+    chunk = [heads[i] for i in range(lo, hi)]
+    if _stack_compatible(chunk):
+        return stacked_heads_forward(chunk, x)
+    outs = [h(x[i]) for i, h in enumerate(chunk)]  # generic heads: one call each, loss still batched
+    if len({o.shape for o in outs}) != 1:
+        raise ValueError("gasp_losses(batched=True) needs heads with one output shape; use batched=False")
+    return torch.stack(outs)
+
+
+def _gasp_losses_batched(per_layer_visual_feats, heads, targets_list, tokens_per_slot, tau, lambda_corr,
+                         lambda_depth, checkpoint, max_anchors, generator, layer_chunk=None) -> GaspLossOutput:
+    num_layers = len(per_layer_visual_feats)
+    entries = list(per_layer_visual_feats)
+    tensor_form = all(isinstance(e, Tensor) for e in entries)
+    if tensor_form:
+        shape = entries[0].shape
+        if any(e.shape != shape for e in entries):
+            raise ValueError(f"per-layer features of different shapes: {[tuple(e.shape) for e in entries]}")
+        batch, sizes = shape[0], [shape[1]] * shape[0]
+        device = entries[0].device
+    else:
+        entries = [list(e.unbind(0)) if isinstance(e, Tensor) else list(e) for e in entries]
+        batch, sizes = len(entries[0]), [x.shape[0] for x in entries[0]]
+        for li, e in enumerate(entries):
+            if len(e) != batch:
+                raise ValueError(f"layer {li}: {len(e)} samples, expected {batch}")
+        device = entries[0][0].device
+    if len(targets_list) != batch:
+        raise ValueError(f"{batch} samples of features but {len(targets_list)} targets")
+    tps = [int(tokens_per_slot)] * batch if isinstance(tokens_per_slot, int) else [int(s) for s in tokens_per_slot]
+    compute_depth = lambda_depth != 0
+
+    # Layer-independent, once per step and outside the checkpointed region: anchor draw, transfer,
+    # every mask and count (the recompute reuses them).
+    prepared = [_prepare_sample(tg, sizes[b], tps[b], device, max_anchors, generator, compute_depth)
+                for b, tg in enumerate(targets_list)]
+    active = [b for b in range(batch) if prepared[b] is not None]
+    n_pairs = sum(prepared[b].n_pairs for b in active)
+    n_depth_pairs = sum(prepared[b].n_depth_pairs for b in active)
+    if active:
+        counts = [prepared[b].nce.ok.sum() for b in active]
+        n_pair_t = (counts[0] if len(counts) == 1 else torch.stack(counts).sum()).float()
+        if compute_depth:
+            dcounts = [prepared[b].depth.ok.sum() for b in active]
+            n_depth_t = (dcounts[0] if len(dcounts) == 1 else torch.stack(dcounts).sum()).float()
+        else:
+            n_depth_t = torch.zeros((), device=device)
+    else:
+        n_pair_t = n_depth_t = torch.zeros((), device=device)
+
+    def head_inputs(chunk: list) -> Tensor:
+        """(K, R, D_model): the active samples' rows of every layer of the chunk (one dummy row if none)."""
+        if tensor_form:
+            x = torch.stack(chunk)  # (K, B, N, D)
+            if not active:
+                return x[:, 0, :1].contiguous()
+            if len(active) == batch:
+                return x.flatten(1, 2)
+            return torch.cat([x[:, b] for b in active], 1)
+        if not active:
+            return torch.stack([e[0][:1] for e in chunk])
+        per_sample = [torch.stack([e[b] for e in chunk]) for b in active]  # (K, N_b, D) each
+        return per_sample[0] if len(per_sample) == 1 else torch.cat(per_sample, 1)
+
+    def chunk_fn(lo: int, hi: int, *flat: Tensor) -> Tensor:
+        """Layers lo..hi-1 -> (K, 2) [corr_sum, depth_sum] per layer."""
+        chunk = list(flat) if tensor_form else [list(flat[i * batch:(i + 1) * batch]) for i in range(hi - lo)]
+        z = _apply_heads(heads, head_inputs(chunk), lo, hi)  # (K, R, D_out)
+        with _no_autocast(z.device):
+            zero = z.float().sum((1, 2)) * 0.0  # (K,): keeps every head in the graph
+            if not active:
+                return torch.stack([zero, zero], 1)
+            zn = F.normalize(z.float(), dim=-1, eps=1e-6)  # (K, R, D_out)
+            corr, depth = zero, zero
+            for b, zb in zip(active, zn.split([sizes[b] for b in active], 1)):
+                st = prepared[b]
+                logits = torch.bmm(zb.index_select(1, st.anchor), zb.transpose(1, 2)) / tau  # (K, M, N)
+                corr = corr + _nce_sums(logits, st.nce)
+                if compute_depth:
+                    depth = depth + _depth_sums(logits, st.depth)
+            if not compute_depth:
+                depth = corr * 0.0
+            return torch.stack([corr, depth], 1)
+
+    step = num_layers if layer_chunk is None else max(1, int(layer_chunk))
+    outs = []
+    for lo in range(0, num_layers, step):
+        hi = min(num_layers, lo + step)
+        flat = entries[lo:hi] if tensor_form else [x for e in entries[lo:hi] for x in e]
+        if checkpoint and torch.is_grad_enabled():
+            outs.append(_checkpoint(chunk_fn, lo, hi, *flat, use_reentrant=False))
+        else:
+            outs.append(chunk_fn(lo, hi, *flat))
+    sums = outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # (L, 2)
+    return _output(sums[:, 0], sums[:, 1], n_pair_t, n_depth_t, lambda_corr, lambda_depth, n_pairs, n_depth_pairs)
+
+
+def _gasp_losses_per_layer(per_layer_visual_feats, heads, targets_list, tokens_per_slot, tau, lambda_corr,
+                           lambda_depth, checkpoint, max_anchors, generator) -> GaspLossOutput:
+    """The per-layer path (``gasp_losses(batched=False)``): one head call + loss (+ checkpoint) per layer."""
     num_layers = len(per_layer_visual_feats)
     if num_layers != len(heads):
         raise ValueError(f"{num_layers} feature layers but {len(heads)} heads")
@@ -379,10 +659,5 @@ def gasp_losses(
         per_layer.append(out)
 
     stacked = torch.stack(per_layer)  # (L, 4)
-    corr_l = stacked[:, 0] / stacked[:, 1].clamp_min(1.0)  # (L,)
-    depth_l = stacked[:, 2] / stacked[:, 3].clamp_min(1.0)
-    corr, depth = corr_l.mean(), depth_l.mean()
-    loss = lambda_corr * corr + lambda_depth * depth
-    return GaspLossOutput(
-        loss=loss, corr=corr, depth=depth, per_layer_corr=corr_l.detach(), per_layer_depth=depth_l.detach(),
-        n_pairs=int(stacked[0, 1].item()), n_depth_pairs=int(stacked[0, 3].item()))
+    return _output(stacked[:, 0], stacked[:, 2], stacked[:, 1], stacked[:, 3], lambda_corr, lambda_depth,
+                   int(stacked[0, 1].item()), int(stacked[0, 3].item()))

@@ -1,0 +1,254 @@
+"""Training checkpoints: atomic writes, exact resume, and reload without the training config.
+
+Layout of one checkpoint directory (``<output_dir>/checkpoints/step-000123``)::
+
+    gasp_checkpoint.json      what to rebuild: base model (preset+overrides+seed, or path), family,
+                              frame_mode, dtype, finetune, lora settings, heads config, step, full train config
+    adapter/                  finetune=lora: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    llm.safetensors           finetune=full: every trainable LLM weight, under the HF model's parameter names
+    heads.safetensors         the correspondence heads (absent for the LM-only control)
+    trainer_state.pt          optimizer + LR scheduler state, step (data state = step, see stream.py)
+    rng/rank{r}.pt            python / numpy / torch (+CUDA) RNG state of each rank
+    engine/                   DeepSpeed only: accelerate.save_state (partitioned optimizer state)
+
+A checkpoint is written into ``.tmp-<name>`` next to its final place and renamed when complete, so a
+crash never leaves a half-written checkpoint under the final name; ``<output_dir>/latest`` (written
+by rename too) names the newest one. Only directories with ``gasp_checkpoint.json`` count as
+checkpoints; leftover ``.tmp-*`` directories of a crashed run are ignored and overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "gasp-checkpoint/1"
+META = "gasp_checkpoint.json"
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Tied weights share storage, which safetensors refuses: store independent contiguous copies.
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+
+
+def trainable_llm_state(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters of the HF model (full finetune), keyed by their HF names."""
+    return {n: p for n, p in hf_model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_meta(cfg, adapter, heads, step: int) -> dict:
+    from gasp_vlm.models import PRESETS
+
+    name = cfg.model.name
+    is_preset = name in PRESETS
+    if not is_preset and Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())  # reloadable from anywhere
+    return {
+        "format": FORMAT,
+        "step": int(step),
+        "model": {"name": name, "preset": name if is_preset else None, "overrides": dict(cfg.model.overrides),
+                  "seed": cfg.model.seed, "dtype": cfg.model.dtype, "family": adapter.family,
+                  "frame_mode": adapter.frame_mode, "attn_implementation": cfg.model.attn_implementation,
+                  "num_layers": adapter.num_layers, "hidden_size": adapter.hidden_size},
+        "finetune": cfg.finetune,
+        "lora": dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, pattern=cfg.lora.pattern,
+                     rslora=cfg.lora.rslora) if cfg.finetune == "lora" else None,
+        "heads": None if heads is None else {
+            "layers": list(heads.layer_indices), "d_model": adapter.hidden_size,
+            "d_hidden": cfg.gasp.d_hidden, "d_out": cfg.gasp.d_out, "tau": cfg.gasp.tau,
+            "lambda_corr": cfg.gasp.lambda_corr, "lambda_depth": cfg.gasp.lambda_depth},
+        "train_config": cfg.to_dict(),
+    }
+
+
+def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler, cfg, step: int,
+                    output_dir: str | Path | None = None) -> Path:
+    """Write one checkpoint atomically. Call on *every* rank (ranks meet at barriers)."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}"
+    gm = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}.pt")
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    if deepspeed:  # partitioned optimizer state: every rank writes its shard
+        accelerator.save_state(str(tmp / "engine"))
+    if main:
+        adapter = gm.adapter
+        if cfg.finetune == "lora":
+            gm.backbone.save_pretrained(str(tmp / "adapter"))
+        else:
+            save_file(_plain(trainable_llm_state(adapter.model)), str(tmp / "llm.safetensors"))
+        if gm.heads is not None:
+            save_file(_plain(gm.heads.state_dict()), str(tmp / "heads.safetensors"))
+        state = {"step": int(step), "scheduler": scheduler.state_dict()}
+        if not deepspeed:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / META).write_text(json.dumps(checkpoint_meta(cfg, adapter, gm.heads, step), indent=2))
+        if ckpt_dir.exists():  # re-saving the same step: swap the old one out first
+            old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
+            os.replace(ckpt_dir, old)
+            shutil.rmtree(old)
+        os.replace(tmp, ckpt_dir)
+        if output_dir is not None:
+            latest_tmp = Path(output_dir) / ".latest.tmp"
+            latest_tmp.write_text(str(ckpt_dir.resolve()))
+            os.replace(latest_tmp, Path(output_dir) / "latest")
+    accelerator.wait_for_everyone()
+    return ckpt_dir
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete step checkpoints under ``ckpt_root``, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest step checkpoints (rename first, so a crash mid-delete
+    never leaves a damaged directory under a checkpoint name)."""
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        trash = old.parent / f".del-{old.name}"
+        os.replace(old, trash)
+        shutil.rmtree(trash)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``<output_dir>/latest`` names, else the newest complete one, else None."""
+    out = Path(output_dir)
+    pointer = out / "latest"
+    if pointer.is_file():
+        q = Path(pointer.read_text().strip())
+        if (q / META).is_file():
+            return q
+    found = list_checkpoints(out / "checkpoints")
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or an output dir whose ``latest`` names one."""
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    q = latest_checkpoint(p) if p.is_dir() else None
+    if q is not None:
+        return q
+    raise FileNotFoundError(f"{p}: not a gasp checkpoint (no {META}), and no checkpoint found under it")
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    p = resolve_checkpoint(ckpt_dir)
+    meta = json.loads((p / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{p / META}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def load_trainable_weights(ckpt_dir: Path, gm) -> None:
+    """Put a checkpoint's trained weights (adapter or LLM, + heads) into a live GaspModel (resume)."""
+    if (ckpt_dir / "adapter").is_dir():
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(ckpt_dir / "adapter" / "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(gm.backbone, state)
+        if getattr(res, "unexpected_keys", None):
+            raise ValueError(f"{ckpt_dir}: adapter keys do not fit the model: {res.unexpected_keys[:3]}")
+    else:
+        _load_llm(ckpt_dir, gm.adapter.model)
+    if gm.heads is not None:
+        gm.heads.load_state_dict(load_file(str(ckpt_dir / "heads.safetensors")))
+
+
+def _load_llm(ckpt_dir: Path, hf_model: torch.nn.Module) -> None:
+    state = load_file(str(ckpt_dir / "llm.safetensors"))
+    res = hf_model.load_state_dict(state, strict=False)
+    if res.unexpected_keys:
+        raise ValueError(f"{ckpt_dir / 'llm.safetensors'}: keys not in the model, e.g. {res.unexpected_keys[:3]}")
+
+
+def restore_training_state(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler) -> int:
+    """Resume: weights, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    gm = accelerator.unwrap_model(model)
+    load_trainable_weights(ckpt_dir, gm)
+    state = torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if (ckpt_dir / "engine").is_dir():
+        accelerator.load_state(str(ckpt_dir / "engine"))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = ckpt_dir / "rng" / f"rank{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True,
+                    dtype: Any = None) -> tuple[Any, Any, dict]:
+    """Rebuild a trained model from a checkpoint alone -> (adapter, heads or None, meta).
+
+    The adapter holds the base model with the trained weights: LoRA merged into the base weights
+    (``merge=False`` keeps the LoRA layers unmerged, injected in place, so ``adapter.model`` is still
+    the HF model and every adapter method works), or the full-finetune LLM weights.
+    ``heads`` is a CorrespondenceHeads on ``device`` (None for an LM-only run). Both are in eval mode.
+    """
+    from gasp_vlm.method.heads import CorrespondenceHeads
+    from gasp_vlm.models import load_adapter
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    m = meta["model"]
+    adapter = load_adapter(m["name"], dtype=dtype or m["dtype"], device=device,
+                           attn_implementation=m.get("attn_implementation", "sdpa"), seed=m.get("seed", 0),
+                           frame_mode=m.get("frame_mode"), overrides=m.get("overrides") or None)
+    if meta["finetune"] == "lora":
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft still calls the deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(adapter.model, str(ckpt_dir / "adapter"))
+        if merge:
+            adapter.model = peft_model.merge_and_unload()
+        # else: peft injected the LoRA layers into adapter.model's modules in place
+    else:
+        _load_llm(ckpt_dir, adapter.model)
+    adapter.model.to(device).eval()
+    heads = None
+    h = meta.get("heads")
+    if h is not None:
+        heads = CorrespondenceHeads.random_init(h["d_model"], m["num_layers"], h["layers"], h["d_hidden"], h["d_out"])
+        heads.load_state_dict(load_file(str(ckpt_dir / "heads.safetensors")))
+        heads = heads.to(device).eval()
+    return adapter, heads, meta

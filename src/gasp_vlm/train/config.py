@@ -1,0 +1,288 @@
+"""Training configuration: nested dataclasses loaded from YAML, with ``--set a.b=value`` overrides.
+
+Every value is type-checked against its field; unknown keys are errors naming the key and the file.
+Sections: model, lora, gasp (GaspLossConfig: heads + loss weights), optim, data, and run-level fields.
+
+lora.enabled: true (the paper: LoRA on the LLM decoder, r = 512 for the 7B models) or false = full
+fine-tuning of every LLM parameter (embeddings, decoder, final norm, lm_head); the vision tower and
+projector stay frozen either way. Full training is the sensible choice for the random-initialised
+presets: a low-rank update of random weights has little to work with, and a ~5 M-parameter LLM is cheap.
+
+The three variants of the miniature experiment differ only in config:
+    LM-only control      gasp.lambda_corr=0 gasp.lambda_depth=0   (no heads are built)
+    correspondence-only  data.instruction_ratio=0                 (no instruction data, no LM signal)
+    full GASP            both lambdas > 0, data.instruction_ratio > 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gasp_vlm.method.gasp import GaspLossConfig
+from gasp_vlm.train.lora import LLM_LORA_PATTERN
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-qwen2.5-vl"  # preset name, local HF directory or hub id
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16
+    frame_mode: str | None = None  # None = the family's default (Qwen: video_dup)
+    overrides: dict = field(default_factory=dict)  # preset config overrides, e.g. {num_hidden_layers: 2}
+    attn_implementation: str = "sdpa"
+    seed: int = 0  # preset init seed
+    min_pixels: int | None = None  # Qwen families: per-frame pixel budget (None = the checkpoint's own)
+    max_pixels: int | None = None
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True  # false = full fine-tuning of the LLM (vision side frozen)
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    pattern: str = LLM_LORA_PATTERN
+    rslora: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    head_lr_mult: float = 4.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+
+
+@dataclass
+class DataConfig:
+    geometry: list[str] = field(default_factory=list)  # scene folders, or "toy" (built-in, see toy_geometry.py)
+    toy_sequences: int = 64  # size of the built-in toy set
+    frame_hw: list[int] = field(default_factory=lambda: [112, 112])  # toy frame size
+    frames_min: int = 8
+    frames_max: int = 24
+    window_radius: int = 48  # frames sampled within ± this of the anchor frame
+    grid: str = "coarse"  # target grid for data/targets.py: coarse | fine
+    anchors: str = "one"  # one: the paper's single anchor frame per sequence | all: every frame in turn
+    cache_frames: bool = False  # keep decoded scene frames in memory (small datasets such as the demo's)
+    instructions: str | None = None  # LLaVA-Video-178K style JSON, or "generated" (built-in toy set)
+    generated_instructions: int = 32  # size of the "generated" set
+    media_root: str | None = None  # default: the JSON's folder
+    instruction_ratio: float = 0.0  # fraction of steps that are instruction batches
+    instruction_frames: int = 8
+    prompt: str = "Describe the scene."  # user text of geometry samples (they carry no answer)
+    batch_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gasp: GaspLossConfig = field(default_factory=GaspLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: str = "auto"  # auto (bf16 autocast when CUDA supports it, else fp32) | bf16 | fp32
+    activation_checkpointing: bool = True  # non-reentrant
+    output_dir: str = "runs/train"
+    save_every: int = 500  # optimizer steps between checkpoints (the final step is always saved)
+    keep_last: int = 2  # newest step checkpoints kept on disk
+    log_every: int = 10  # console/tensorboard cadence; the jsonl log gets every step
+    report_to: list[str] = field(default_factory=lambda: ["console", "tensorboard"])
+    deepspeed: str | None = None  # DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); "auto" fields are filled
+    seed: int = 0
+
+    @property
+    def finetune(self) -> str:
+        return "lora" if self.lora.enabled else "full"
+
+    def validate(self, where: str = "<config>") -> "TrainConfig":
+        checks = [
+            (self.lora.r > 0, "lora.r", "must be > 0"),
+            (self.optim.lr > 0, "optim.lr", "must be > 0"),
+            (self.optim.head_lr_mult > 0, "optim.head_lr_mult", "must be > 0"),
+            (self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
+            (self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (len(self.optim.betas) == 2, "optim.betas", "needs two values"),
+            (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 | bfloat16"),
+            (self.gasp.lambda_corr >= 0 and self.gasp.lambda_depth >= 0, "gasp.lambda_corr",
+             "loss weights must be >= 0"),
+            (self.gasp.tau > 0, "gasp.tau", "must be > 0"),
+            (len(self.data.frame_hw) == 2, "data.frame_hw", "needs [height, width]"),
+            (self.save_every > 0, "save_every", "must be > 0"),
+            (self.keep_last >= 1, "keep_last", "must be >= 1"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto | bf16 | fp32"),
+            (self.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine | constant"),
+            (self.data.grid in ("coarse", "fine"), "data.grid", "must be coarse | fine"),
+            (self.data.anchors in ("one", "all"), "data.anchors", "must be one | all"),
+            (1 <= self.data.frames_min <= self.data.frames_max, "data.frames_min",
+             "needs 1 <= frames_min <= frames_max"),
+            (0.0 <= self.data.instruction_ratio <= 1.0, "data.instruction_ratio", "must be in [0, 1]"),
+            (self.data.instruction_ratio == 0 or self.data.instructions, "data.instructions",
+             "instruction_ratio > 0 needs an instruction JSON"),
+            (self.data.instruction_ratio == 1 or bool(self.data.geometry), "data.geometry",
+             "needs at least one geometry source (a scene folder or 'toy') unless instruction_ratio = 1"),
+            (self.optim.max_steps > 0, "optim.max_steps", "must be > 0"),
+            (self.data.batch_size > 0, "data.batch_size", "must be > 0"),
+            (all(r in ("console", "tensorboard", "wandb") for r in self.report_to), "report_to",
+             "entries must be console | tensorboard | wandb"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"{where}: config key {key!r}: {msg}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Typed loading
+# ------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (int -> float allowed); nested dataclasses recurse."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r} is a section; expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: key {key!r} expects a list, got {value!r}")
+        (arm,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arm, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r} expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix + unknown[0]!r} (section {prefix.rstrip('.') or 'top'} "
+                          f"accepts: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, where) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: cannot set {dotted!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 3e-4); the value is parsed as YAML (numbers, lists, null, ...)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and key.endswith(("lr", "weight_decay", "tau")):
+        try:  # PyYAML reads "1e-4" as a string (YAML 1.1); accept it for float fields
+            value = float(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """PyYAML (YAML 1.1) reads '1e-4' as a string; turn such scientific-notation strings into floats."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        try:
+            if "e" in node.lower() and node.lower() not in ("true", "false") and float(node) == float(node):
+                return float(node)
+        except ValueError:
+            return node
+    return node
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None, where: str = "<config>") -> TrainConfig:
+    data = _fix_yaml_floats(dict(data or {}))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value, f"--set {item}")
+    return _from_dict(TrainConfig, data, where).validate(where)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (or None for the defaults) + ``key=value`` overrides -> validated TrainConfig."""
+    data: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        where = str(p)
+    return config_from_dict(data, overrides, where)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,555 @@
+"""The GASP training recipe: one readable loop, config in, atomic checkpoints out (torchtune style).
+
+    L = L_LM + λ_corr · L_corr + λ_depth · L_depth      (method/gasp.py)
+
+Setup, in this order (the order matters):
+  1. load the base VLM (preset / HF dir / hub id) on this rank's device;
+  2. build the correspondence heads from each layer's q_proj by SVD -- fp32, *before* LoRA wrapping and
+     before any engine touches the weights (method/gasp.py: build_heads). LM-only runs build none;
+  3. LoRA on the LLM decoder only (train/lora.py), or full fine-tuning of the LLM (``lora.enabled:
+     false``); the vision tower and projector are frozen and run under no_grad in every step;
+  4. non-reentrant activation checkpointing of the decoder layers (each layer's head + loss is
+     checkpointed separately inside ``gasp_losses``);
+  5. AdamW with two param groups -- backbone at ``optim.lr``, heads at ``optim.head_lr_mult`` × lr
+     (the paper's 4×) -- and one LambdaLR (linear warm-up, cosine) that scales both groups alike;
+  6. ``accelerate`` prepares model + optimizer: single process, DDP (torchrun / accelerate launch,
+     gloo on CPU), or DeepSpeed ZeRO-2 (``deepspeed:`` key or an accelerate DeepSpeed config).
+
+Each optimizer step runs ``optim.grad_accum`` micro-batches; micro-batch i is ``StepBatches[i]``, a pure
+function of (seed, i, rank, world), so the data state of a checkpoint is just its step and ``--resume``
+continues bit-exactly (weights, AdamW moments, LR schedule, RNG restored). bf16 autocast is used when
+the device supports it (``precision: auto``); on CPU training runs in fp32.
+
+Python API (what the demo and the CLI call)::
+
+    ckpt = train(cfg, out_dir, resume=False, progress=True)      # -> final checkpoint dir
+    adapter, heads, meta = load_checkpoint(ckpt)                 # re-exported from checkpoint.py
+
+Outputs under ``out_dir``: ``config.yaml``, ``logs/train.jsonl`` (one record per optimizer step:
+loss, lm, corr, depth, lr, head_lr, grad_norm, kinds, step time, samples/s), ``tb/`` (TensorBoard, when
+installed and in ``report_to``), ``checkpoints/step-NNNNNN`` and the ``latest`` pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gasp_vlm.method.gasp import GaspModel, build_heads
+from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
+                                       restore_training_state, save_checkpoint)
+from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
+from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
+from gasp_vlm.train.stream import StepBatches, prepare_step
+
+__all__ = ["GaspRecipe", "train", "load_checkpoint", "load_model_adapter", "lr_lambda", "benchmark_train_step",
+           "RESUME_MUST_MATCH"]
+
+# Config sections a resumed run must share with its checkpoint (others, e.g. optim.max_steps, may change),
+# and the keys inside them that may still differ (they change no result).
+RESUME_MUST_MATCH = ("model", "lora", "gasp", "data")
+RESUME_MAY_DIFFER = ("data.num_workers", "data.cache_frames", "gasp.batched_layers")  # change no result
+
+
+# ------------------------------------------------------------------------------------------------
+# Small pieces
+# ------------------------------------------------------------------------------------------------
+def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): linear warm-up from 1/(warmup+1), then cosine
+    from 1 down to ``min_ratio`` at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "fp32":
+        return "no"
+    if precision == "bf16":
+        return "bf16"
+    # auto: bf16 only where it is fast (CUDA with bf16 support); CPU bf16 autocast is slower than fp32
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _deepspeed_plugin(cfg: TrainConfig):
+    """DeepSpeedPlugin from ``cfg.deepspeed`` with its "auto" fields filled from the config."""
+    if not cfg.deepspeed:
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"config key 'deepspeed': {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key 'deepspeed': {path} is not valid JSON ({e})") from e
+    _fill_deepspeed_auto(ds, cfg)
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def _fill_deepspeed_auto(ds: dict, cfg: TrainConfig) -> None:
+    """Fill DeepSpeed "auto" values that accelerate can only infer from a prepared DataLoader."""
+    fills = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
+             "gradient_accumulation_steps": cfg.optim.grad_accum,
+             "gradient_clipping": cfg.optim.grad_clip}
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    mp = _mixed_precision(cfg.precision)
+    for key, on in (("bf16", mp == "bf16"), ("fp16", False)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = on
+
+
+def _check_resume_config(cfg: TrainConfig, meta: dict, ckpt: Path) -> None:
+    saved, now = meta.get("train_config", {}), cfg.to_dict()
+
+    def diff(a: Any, b: Any, key: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                d = diff(a.get(k), b.get(k), f"{key}.{k}")
+                if d:
+                    return d
+            return None
+        return None if a == b or key in RESUME_MAY_DIFFER else f"'{key}' (checkpoint: {a!r}, now: {b!r})"
+
+    for section in RESUME_MUST_MATCH:
+        d = diff(saved.get(section), now.get(section), section)
+        if d:
+            raise ConfigError(f"--resume from {ckpt}: config key {d} differs from the checkpoint's; "
+                              f"resume with the same {', '.join(RESUME_MUST_MATCH)} settings")
+
+
+class _JsonlLog:
+    """Append-only jsonl (main process); on resume, records past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until is not None and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
+        elif keep_until is None and path.is_file():
+            path.unlink()  # a fresh run starts a fresh log
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def load_model_adapter(cfg: TrainConfig, device: torch.device | str):
+    """The base VLM adapter of ``cfg.model`` (preset, HF dir or hub id) on ``device``."""
+    from gasp_vlm.models import load_adapter
+
+    m = cfg.model
+    pixels = {k: v for k, v in (("min_pixels", m.min_pixels), ("max_pixels", m.max_pixels)) if v is not None}
+    return load_adapter(m.name, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                        seed=m.seed, frame_mode=m.frame_mode, overrides=m.overrides or None, **pixels)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe
+# ------------------------------------------------------------------------------------------------
+class GaspRecipe:
+    """Everything one training run holds; ``run()`` trains, ``train_step(step)`` does one optimizer step.
+
+    Public attributes: ``cfg, out_dir, accelerator, adapter, model`` (prepared, maybe DDP-wrapped),
+    ``gasp_model`` (unwrapped GaspModel), ``heads`` (CorrespondenceHeads or None), ``optimizer``,
+    ``scheduler``, ``data`` (StepBatches), ``step`` (optimizer steps done).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import set_seed
+
+        self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        # The recipe owns the process: drop settings a previous Accelerator in it left behind (tests,
+        # notebooks), keeping the distributed process group.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        self.accelerator = acc = Accelerator(
+            # without CUDA, accelerate only recognises a torchrun/launch environment as multi-process
+            # (gloo) when told it runs on CPU
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=_mixed_precision(cfg.precision),
+            gradient_accumulation_steps=cfg.optim.grad_accum,
+            deepspeed_plugin=_deepspeed_plugin(cfg),
+            # every trainable parameter gets a gradient every step (heads: zero-weighted dummy calls)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        if acc.state.deepspeed_plugin is not None and not cfg.deepspeed:  # launched with a DeepSpeed config
+            _fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
+        set_seed(cfg.seed)  # same on every rank: identical LoRA init (DDP broadcasts anyway)
+
+        resume_from = latest_checkpoint(self.out_dir) if resume else None
+        if resume_from is not None:
+            _check_resume_config(cfg, read_meta(resume_from), resume_from)
+
+        self.adapter = adapter = load_model_adapter(cfg, acc.device)
+        self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir)
+
+        # Heads first: SVD of the pretrained q_proj, before LoRA/sharding. A resumed run overwrites
+        # them from the checkpoint, so it skips the calibration forward.
+        calib = None if resume_from is not None or cfg.gasp.lm_only else self._calibration_batch()
+        self.heads = build_heads(adapter, cfg.gasp, calib_batch=calib)
+
+        if cfg.lora.enabled:
+            with warnings.catch_warnings():  # peft still calls the deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                backbone = apply_lora(adapter.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                      target_pattern=cfg.lora.pattern, use_rslora=cfg.lora.rslora)
+        else:  # full fine-tuning of the LLM; the vision side stays frozen
+            for name, p in adapter.model.named_parameters():
+                p.requires_grad_(not any(mk in name for mk in VISION_MODULE_MARKERS))
+            backbone = adapter.model
+        if cfg.activation_checkpointing:
+            # transformers >= 5.20 renamed gradient_checkpointing_enable; accept both
+            enable = getattr(adapter.model, "activation_checkpointing_enable", None) or \
+                adapter.model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            # transformers also hooks the input embeddings to require grad (needed only by reentrant
+            # checkpointing); with use_reentrant=False that just builds graph for nothing
+            adapter.model.disable_input_require_grads()
+        self.gasp_model = gm = GaspModel(backbone, adapter, self.heads, cfg.gasp)
+        gm.train()
+        adapter.vision_module().eval()  # frozen tower: no dropout, run under no_grad
+
+        self.optimizer = torch.optim.AdamW(self.param_groups(gm), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        o = cfg.optim
+        # Not prepared by accelerate on purpose: its AcceleratedScheduler steps num_processes times per call.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.max_steps, o.schedule, o.min_lr_ratio))
+        self.model, self.optimizer = acc.prepare(gm, self.optimizer)
+        self.trainable = [p for p in gm.parameters() if p.requires_grad]
+
+        self.step = 0
+        if resume_from is not None:
+            self.step = restore_training_state(resume_from, accelerator=acc, model=self.model,
+                                               optimizer=self.optimizer, scheduler=self.scheduler)
+            self._print(f"resumed from {resume_from} at step {self.step}")
+        elif resume:
+            self._print(f"--resume: no checkpoint under {self.out_dir}; starting from step 0")
+        self.resumed_from = resume_from
+
+    # ---- setup helpers -------------------------------------------------------------------------
+    def param_groups(self, gm: GaspModel) -> list[dict]:
+        """Backbone trainables at lr, heads at head_lr_mult × lr (a separate, named group)."""
+        head_ids = {id(p) for p in gm.heads.parameters()} if gm.heads is not None else set()
+        backbone = [p for p in gm.parameters() if p.requires_grad and id(p) not in head_ids]
+        if not backbone:
+            raise ConfigError("lora/finetune settings leave no trainable backbone parameter")
+        groups = [{"name": "backbone", "params": backbone, "lr": self.cfg.optim.lr}]
+        if head_ids:
+            groups.append({"name": "heads", "params": list(gm.heads.parameters()),
+                           "lr": self.cfg.optim.lr * self.cfg.optim.head_lr_mult})
+        return groups
+
+    def _calibration_batch(self):
+        """A fixed geometry batch (rank- and world-independent) for the heads' SVD-init calibration."""
+        geo = self.data.geometry
+        if geo is None:
+            return None
+        item = geo.sample(0, self.cfg.data.frames_min)
+        return self.adapter.prepare_frames([item["frames"]], prompt=self.cfg.data.prompt,
+                                           frame_mode=self.cfg.model.frame_mode).to(self.accelerator.device)
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, flush=True)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def micro_batch(self, index: int, raw: dict | None = None) -> tuple[str, Any, Any, torch.Tensor | None]:
+        """Micro-batch ``index`` -> (kind, PreparedBatch on device, targets | None, rows | None).
+
+        ``raw`` is ``self.data[index]`` when a DataLoader worker already loaded it."""
+        batch = self.data[index] if raw is None else raw
+        prepared, targets, rows = prepare_step(self.adapter, batch, self.data.geometry, self.cfg.data.prompt,
+                                               self.cfg.model.frame_mode)
+        dev = self.accelerator.device
+        return batch["kind"], prepared.to(dev), targets, rows.to(dev) if rows is not None else None
+
+    def forward_backward(self, index: int, raw: dict | None = None) -> dict[str, Any]:
+        """Forward + backward of micro-batch ``index`` (gradients accumulate; no optimizer step)."""
+        kind, prepared, targets, rows = self.micro_batch(index, raw)
+        # anchor subsampling: a generator seeded by the micro-step, so resume needs no extra state
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                out = self.model(prepared, targets, rows=rows, generator=gen)
+            acc.backward(out["loss"])
+        return {"kind": kind, "loss": out["loss"].detach().float(), "lm": out["lm"].float(),
+                "corr": out["corr"].float(), "depth": out["depth"].float(),
+                "n_pairs": float(out.get("n_pairs", torch.zeros(())).item()),
+                "samples": prepared.inputs["input_ids"].shape[0]}
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip (global norm over backbone + heads), AdamW step, LR schedule step, zero grads."""
+        acc = self.accelerator
+        if not acc.sync_gradients:
+            raise RuntimeError("optimizer_step called mid-accumulation")
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            norm = acc.clip_grad_norm_(self.trainable, clip)  # pre-clip total norm
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable if p.grad is not None]))
+        if norm is None and hasattr(self.model, "get_global_grad_norm"):  # DeepSpeed clips inside its engine
+            norm = self.model.get_global_grad_norm()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm) if norm is not None else float("nan"),
+                "lr": lrs.get("backbone", float("nan")), "head_lr": lrs.get("heads", float("nan"))}
+
+    def train_step(self, step: int, raws: list[dict] | None = None) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based): grad_accum micro-batches, then one update. Returns the log record.
+
+        ``raws``: the step's micro-batches if a DataLoader prefetched them (else loaded here)."""
+        t0 = time.perf_counter()
+        accum = self.cfg.optim.grad_accum
+        raws = raws if raws is not None else [None] * accum
+        micro = [self.forward_backward(step * accum + k, raws[k]) for k in range(accum)]
+        rec = self.optimizer_step()
+        # mean over micro-batches, then over ranks (one small all-reduce)
+        terms = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in ("loss", "lm", "corr", "depth")])
+        terms = self.accelerator.reduce(terms.to(self.accelerator.device), reduction="mean").tolist()
+        dt = time.perf_counter() - t0
+        samples = sum(m["samples"] for m in micro) * self.accelerator.num_processes
+        self.step = step + 1
+        return {"step": self.step, "loss": terms[0], "lm": terms[1], "corr": terms[2], "depth": terms[3], **rec,
+                "kinds": "".join("i" if m["kind"] == "instr" else "g" for m in micro),
+                "n_pairs": sum(m["n_pairs"] for m in micro), "step_time_s": dt, "samples_per_s": samples / dt}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Atomic checkpoint of the current step (call on every rank); prunes old ones."""
+        root = self.out_dir / "checkpoints"
+        path = save_checkpoint(root / f"step-{self.step:06d}", accelerator=self.accelerator, model=self.model,
+                               optimizer=self.optimizer, scheduler=self.scheduler, cfg=self.cfg, step=self.step,
+                               output_dir=self.out_dir)
+        if self.accelerator.is_main_process:
+            prune_checkpoints(root, self.cfg.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None) -> Path:
+        """Train from ``self.step`` to ``optim.max_steps`` (or ``stop_at``, as if interrupted there) and
+        return the last checkpoint written."""
+        cfg, acc = self.cfg, self.accelerator
+        end = cfg.optim.max_steps if stop_at is None else min(stop_at, cfg.optim.max_steps)
+        main = acc.is_main_process
+        log = tb = wandb_run = None
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / ".config.yaml.tmp"
+            save_config(cfg, tmp)
+            os.replace(tmp, self.out_dir / "config.yaml")
+            log = _JsonlLog(self.out_dir / "logs" / "train.jsonl", self.step if self.resumed_from else None)
+            tb = self._tensorboard()
+            wandb_run = self._wandb()
+        bar = None
+        if main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="gasp train", unit="step", dynamic_ncols=True)
+        last = None
+        window: list[dict] = []  # records since the last console line
+        accum = cfg.optim.grad_accum
+        prefetch = self._prefetch(self.step * accum, end * accum)
+        try:
+            while self.step < end:
+                raws = [next(prefetch) for _ in range(accum)] if prefetch is not None else None
+                rec = self.train_step(self.step, raws)
+                if main:
+                    log.write(rec)
+                    if tb is not None:  # each term only on steps that carry it (no zig-zag through 0)
+                        keys = ["loss", "lr", "head_lr", "grad_norm", "samples_per_s"]
+                        keys += ["lm"] * ("i" in rec["kinds"] or cfg.data.instruction_ratio == 0)
+                        keys += ["corr", "depth"] * ("g" in rec["kinds"])
+                        for k in keys:
+                            tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+                    if wandb_run is not None:
+                        wandb_run.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
+                                      step=rec["step"])
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lm=f"{rec['lm']:.3f}", corr=f"{rec['corr']:.3f}",
+                                        depth=f"{rec['depth']:.3f}", refresh=False)
+                    window.append(rec)
+                    if "console" in cfg.report_to and (rec["step"] % cfg.log_every == 0 or rec["step"] == end):
+                        (bar.write if bar is not None else print)(_console_line(window))
+                        window = []
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    last = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if tb is not None:
+                tb.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        if last is None:  # nothing left to train (resumed at or past the end)
+            last = latest_checkpoint(self.out_dir) or self.save()
+        return last
+
+    def _prefetch(self, start: int, stop: int):
+        """Iterator over raw micro-batches [start, stop) loaded by ``data.num_workers`` worker processes
+        (media decoding off the training process), or None to load in-line."""
+        n = self.cfg.data.num_workers
+        if n <= 0 or stop <= start:
+            return None
+        loader = torch.utils.data.DataLoader(self.data, batch_size=None, sampler=range(start, stop), num_workers=n,
+                                             collate_fn=_keep_as_is, prefetch_factor=2)
+        return iter(loader)
+
+    def _wandb(self):
+        if "wandb" not in self.cfg.report_to:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            print("report_to: wandb is not installed (pip install wandb); logging to logs/train.jsonl only")
+            return None
+        return wandb.init(project="gasp-vlm", name=self.out_dir.name, dir=str(self.out_dir),
+                          config=self.cfg.to_dict(), resume="allow")
+
+    def _tensorboard(self):
+        if "tensorboard" not in self.cfg.report_to:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("report_to: tensorboard is not installed (pip install 'gasp-vlm[logging]'); "
+                  "logging to logs/train.jsonl only")
+            return None
+        return SummaryWriter(str(self.out_dir / "tb"))
+
+
+def _console_line(window: list[dict]) -> str:
+    """Means over the window: LM loss over steps with instruction data, corr/depth over geometry steps
+    (with interleaving, any single step shows only one kind's terms)."""
+    def mean(key: str, kind: str | None = None) -> float:
+        recs = [r for r in window if kind is None or kind in r["kinds"]] or window
+        return sum(r[key] for r in recs) / len(recs)
+
+    last = window[-1]
+    return (f"step {last['step']:>6}  loss {mean('loss'):.4f}  lm {mean('lm', 'i'):.4f}  corr {mean('corr', 'g'):.4f}  "
+            f"depth {mean('depth', 'g'):.4f}  lr {last['lr']:.2e}  gnorm {mean('grad_norm'):.3f}  "
+            f"{mean('samples_per_s'):.2f} samples/s  {1 / mean('step_time_s'):.2f} steps/s")
+
+
+def _keep_as_is(raw: dict) -> dict:
+    # DataLoader's default conversion would turn the numpy frames into tensors; keep them as loaded
+    return raw
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> Path:
+    """Train GASP (or a control) per ``cfg``; returns the final checkpoint directory.
+
+    ``out_dir`` defaults to ``cfg.output_dir``. ``resume`` continues from ``out_dir``'s latest checkpoint
+    (fresh start, with a note, when there is none). ``stop_at`` ends after that many optimizer steps (with
+    a checkpoint), as an interrupted job would; the LR schedule still follows ``optim.max_steps``.
+    """
+    recipe = GaspRecipe(cfg, Path(out_dir or cfg.output_dir), resume=resume, progress=progress)
+    return recipe.run(stop_at=stop_at)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Step-time benchmark (``gasp bench train-step``)
+# ------------------------------------------------------------------------------------------------
+def benchmark_train_step(cfg: TrainConfig, steps: int = 5, warmup: int = 2, out_dir: str | Path | None = None,
+                         progress: bool = False) -> dict[str, Any]:
+    """Median optimizer-step time (and CUDA peak memory) of the LM-only control vs GASP, same model/batches.
+
+    ``cfg`` is the GASP variant; the control is the same config with both λ = 0 (no heads). Step i of
+    either variant sees the same batch. On CPU the two are built side by side and their steps
+    interleaved (A B A B ...) so background load hits both alike; on CUDA they run one after the other
+    so each peak-memory figure is its own.
+    """
+    import dataclasses
+    import gc
+    import statistics
+    import tempfile
+
+    gasp_cfg = cfg
+    lm_cfg = dataclasses.replace(cfg, gasp=dataclasses.replace(cfg.gasp, lambda_corr=0.0, lambda_depth=0.0))
+    if gasp_cfg.gasp.lm_only:
+        raise ConfigError("benchmark_train_step: the GASP variant needs gasp.lambda_corr or gasp.lambda_depth > 0")
+    cuda = torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU")  # gasp bench --device cpu sets it
+    times: dict[str, list[float]] = {"lm_only": [], "gasp": []}
+    peak: dict[str, float | None] = {"lm_only": None, "gasp": None}
+    info: dict[str, Any] = {}
+
+    def timed(recipe: GaspRecipe, i: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        recipe.train_step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(out_dir or tmp)
+        if cuda:
+            for name, c in (("lm_only", lm_cfg), ("gasp", gasp_cfg)):
+                recipe = GaspRecipe(c, base / name, progress=progress)
+                if name == "gasp":
+                    info["batch"] = _batch_info(recipe)
+                for i in range(warmup):
+                    recipe.train_step(i)
+                torch.cuda.reset_peak_memory_stats()
+                for i in range(warmup, warmup + steps):
+                    times[name].append(timed(recipe, i))
+                peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+                info[f"{name}_trainable_params"] = sum(p.numel() for p in recipe.trainable)
+                del recipe
+                gc.collect()
+                torch.cuda.empty_cache()
+        else:
+            recipes = {n: GaspRecipe(c, base / n, progress=progress) for n, c in (("lm_only", lm_cfg), ("gasp", gasp_cfg))}
+            info["batch"] = _batch_info(recipes["gasp"])
+            for i in range(warmup + steps):
+                for name, recipe in recipes.items():
+                    t = timed(recipe, i)
+                    if i >= warmup:
+                        times[name].append(t)
+            for name, recipe in recipes.items():
+                info[f"{name}_trainable_params"] = sum(p.numel() for p in recipe.trainable)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+           "steps": steps, "warmup": warmup, **info,
+           "lm_only_step_s": med["lm_only"], "gasp_step_s": med["gasp"],
+           "step_time_ratio": med["gasp"] / med["lm_only"],
+           "lm_only_step_times_s": times["lm_only"], "gasp_step_times_s": times["gasp"],
+           "lm_only_peak_mem_gib": peak["lm_only"], "gasp_peak_mem_gib": peak["gasp"],
+           "peak_mem_ratio": (peak["gasp"] / peak["lm_only"]) if peak["lm_only"] else None}
+    return out
+
+
+def _batch_info(recipe: GaspRecipe) -> dict[str, Any]:
+    kind, prepared, _, _ = recipe.micro_batch(0)
+    a = recipe.adapter
+    return {"kind": kind, "seq_len": int(prepared.inputs["input_ids"].shape[1]),
+            "visual_tokens": int(prepared.layouts[0].num_visual), "frames": int(prepared.layouts[0].num_frames),
+            "hidden_size": a.hidden_size, "num_layers": a.num_layers,
+            "supervised_layers": len(recipe.heads.layer_indices) if recipe.heads is not None else 0}

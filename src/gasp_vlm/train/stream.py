@@ -1,0 +1,197 @@
+"""Deterministic, resumable per-step batches: geometry sequences interleaved with instruction samples.
+
+Everything a step loads is a pure function of (seed, step, rank, world size), so the data state of
+a checkpoint is just the step, ``--resume`` replays nothing, and all ranks agree on the batch *kind*
+and frame count of every step (same module calls everywhere: DDP/ZeRO never wait on each other).
+
+- Step kind: step i is an instruction step iff floor((i+1)·ρ) > floor(i·ρ), ρ = instruction_ratio.
+- Sample indices: the k-th batch of a kind takes global positions p = (k·world + rank)·B + j of an
+  endless stream that reshuffles each epoch (permutation seeded by (seed, epoch)).
+- Frame count of a geometry step: uniform in [frames_min, frames_max], seeded by (seed, step).
+
+"step" here is the *micro*-step (the recipe asks for step·grad_accum + micro).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import os
+import shutil
+from pathlib import Path
+
+from gasp_vlm.train.config import ConfigError, DataConfig
+
+
+def is_instruction_step(step: int, ratio: float) -> bool:
+    return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
+
+
+def _kind_index(step: int, ratio: float, instr: bool) -> int:
+    n_instr = math.floor(step * ratio + 1e-9)  # instruction steps before this one
+    return n_instr if instr else step - n_instr
+
+
+def _stream_index(pos: int, n: int, seed: int) -> int:
+    epoch, off = divmod(pos, n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return int(perm[off])
+
+
+class ConcatGeometry:
+    """Several geometry sources as one index space; items remember their source for targets."""
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        self.sources = list(sources)
+        self.sizes = [len(s) for s in self.sources]
+        if not sum(self.sizes):
+            raise ConfigError("data.geometry: the geometry sources hold no sequences")
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def sample(self, index: int, num_frames: int) -> dict:
+        for si, n in enumerate(self.sizes):
+            if index < n:
+                item = self.sources[si].sample(index, num_frames)
+                item["source"] = si
+                return item
+            index -= n
+        raise IndexError(index)
+
+    def targets(self, layout, item: dict):
+        return self.sources[item["source"]].targets(layout, item)
+
+
+class ToyGeometrySource:
+    """The built-in exact-geometry source (toy_geometry.py) behind the source interface."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        from gasp_vlm.train.toy_geometry import OrthoShiftSequences
+
+        self.seq = OrthoShiftSequences(cfg.toy_sequences, tuple(cfg.frame_hw), seed=cfg.seed)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def sample(self, index: int, num_frames: int) -> dict:
+        return self.seq.sample(index, num_frames)
+
+    def targets(self, layout, item):
+        from gasp_vlm.train.toy_geometry import ortho_targets
+
+        return ortho_targets(layout, item)
+
+
+def build_geometry(cfg: DataConfig) -> ConcatGeometry | None:
+    sources = []
+    for entry in cfg.geometry:
+        if entry == "toy":
+            sources.append(ToyGeometrySource(cfg))
+        else:
+            from gasp_vlm.data.sequences import GeometrySequenceSource
+
+            sources.append(GeometrySequenceSource(entry, frames_window=cfg.window_radius, grid=cfg.grid, seed=cfg.seed,
+                                                  anchors=cfg.anchors, cache_frames=cfg.cache_frames))
+    return ConcatGeometry(sources) if sources else None
+
+
+def build_instructions(cfg: DataConfig, work_dir: str | Path | None = None):
+    """The instruction set of ``cfg`` (None when no step is an instruction step).
+
+    ``data.instructions: generated`` writes the built-in toy set (instructions.make_instruction_set)
+    under ``work_dir/instructions``; it is deterministic, written to a private temp dir and renamed into
+    place, so concurrent ranks never see a half-written set and need no barrier.
+    """
+    from gasp_vlm.train.instructions import InstructionSet, make_instruction_set
+
+    if not cfg.instructions or cfg.instruction_ratio <= 0:
+        return None
+    if cfg.instructions != "generated":
+        return InstructionSet(cfg.instructions, cfg.media_root)
+    if work_dir is None:
+        raise ConfigError("data.instructions: 'generated' needs a work directory (the run's output dir)")
+    final = Path(work_dir) / "instructions"
+    if not (final / "instructions.json").is_file():
+        tmp = Path(work_dir) / f".tmp-instructions-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        make_instruction_set(tmp / "instructions.json", num_samples=cfg.generated_instructions,
+                             num_frames=cfg.instruction_frames, frame_hw=tuple(cfg.frame_hw), seed=cfg.seed + 1)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another rank got there first; its set is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return InstructionSet(final / "instructions.json")
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Dataset indexed by *step*: ``ds[step]`` -> dict(kind, step, items) for this rank.
+
+    Wrap in a DataLoader(batch_size=None, sampler=range(start, max_steps)) to prefetch with workers.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, geometry=None, instructions=None,
+                 work_dir: str | Path | None = None) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.geometry = geometry if geometry is not None else build_geometry(cfg)
+        if instructions is None:
+            instructions = build_instructions(cfg, work_dir)
+        self.instructions = instructions
+        if cfg.instruction_ratio < 1 and self.geometry is None:
+            raise ConfigError("data.geometry: geometry steps are scheduled but no geometry source is configured")
+        if cfg.instruction_ratio > 0 and self.instructions is None:
+            raise ConfigError("data.instructions: instruction steps are scheduled but no instruction set is configured")
+
+    def __len__(self) -> int:  # effectively endless; the sampler decides the range
+        return 2 ** 31
+
+    def kind(self, step: int) -> str:
+        return "instr" if is_instruction_step(step, self.cfg.instruction_ratio) else "geo"
+
+    def __getitem__(self, step: int) -> dict:
+        c = self.cfg
+        kind = self.kind(step)
+        src = self.instructions if kind == "instr" else self.geometry
+        k = _kind_index(step, c.instruction_ratio, kind == "instr")
+        if kind == "instr":
+            n_frames = c.instruction_frames
+        else:
+            n_frames = int(np.random.default_rng([c.seed, step, 7]).integers(c.frames_min, c.frames_max + 1))
+        items = []
+        for j in range(c.batch_size):
+            pos = (k * self.world + self.rank) * c.batch_size + j
+            idx = _stream_index(pos, len(src), c.seed + (1000 if kind == "instr" else 0))
+            items.append(src.sample(idx, n_frames))
+        return dict(kind=kind, step=step, items=items)
+
+
+def prepare_step(adapter, batch: dict, geometry, prompt: str, frame_mode: str | None = None):
+    """Step batch -> (PreparedBatch, targets list | None, rows | None) for ``GaspModel.forward``."""
+    items = batch["items"]
+    if batch["kind"] == "geo":
+        prepared = adapter.prepare_frames([it["frames"] for it in items], prompt=prompt, frame_mode=frame_mode)
+        targets = [geometry.targets(lay, it) for lay, it in zip(prepared.layouts, items)]
+        return prepared, targets, None
+    prepared = prepare_conversations(adapter, items, frame_mode)
+    # Instruction samples have no correspondences; the heads read one position per sample (zero loss).
+    rows = torch.zeros(len(items), 1, dtype=torch.long)
+    return prepared, None, rows
+
+
+def prepare_conversations(adapter, items: Sequence[dict], frame_mode: str | None = None):
+    """Per-sample prompts + answers -> PreparedBatch (labels on answer tokens only).
+
+    ``adapter.prepare_frames`` takes one prompt for the whole batch; instruction batches need one per
+    sample, so this encodes each sample with the adapter's own encoder and collates them.
+    """
+    from gasp_vlm.models.base import as_uint8_frames
+
+    mode = frame_mode or adapter.frame_mode
+    encoded = [adapter._encode_sample(as_uint8_frames(it["frames"], f"sample {i}"), it["prompt"], it["answer"], mode)
+               for i, it in enumerate(items)]
+    return adapter._collate(encoded)

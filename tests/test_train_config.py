@@ -1,0 +1,81 @@
+"""Training config: YAML + dotted overrides, typed, and errors that name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from gasp_vlm.train.config import ConfigError, config_from_dict, load_config, parse_override, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gasp_vlm" / "configs"
+
+
+def test_shipped_configs_load_with_paper_settings():
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert demo.model.name == "tiny-qwen2.5-vl" and demo.data.geometry == ["toy"]
+    assert demo.lora.enabled is False and demo.finetune == "full"
+    for name, layers_note in (("qwen2_5_vl_7b.yaml", "Qwen/Qwen2.5-VL-7B-Instruct"),
+                              ("qwen2_vl_7b.yaml", "Qwen/Qwen2-VL-7B-Instruct"),
+                              ("llava_next_video_7b.yaml", "llava-hf/LLaVA-NeXT-Video-7B-hf")):
+        cfg = load_config(CONFIGS / name, ["data.geometry=[/data/scenes]", "data.instructions=/data/llava.json"])
+        assert cfg.model.name == layers_note
+        assert (cfg.lora.enabled, cfg.lora.r) == (True, 512)
+        assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.head_lr_mult == 4.0
+        assert cfg.optim.grad_clip == 1.0 and cfg.optim.schedule == "cosine"
+        assert cfg.activation_checkpointing and cfg.model.dtype == "bfloat16"
+        assert cfg.gasp.layers is None  # all decoder layers
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = config_from_dict({"data": {"geometry": ["toy"]}},
+                           ["optim.lr=3e-4", "gasp.layers=[0, -1]", "gasp.max_anchors=null", "lora.enabled=false",
+                            "model.overrides={num_hidden_layers: 2}", "optim.max_steps=7"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.gasp.layers == [0, -1] and cfg.gasp.max_anchors is None
+    assert cfg.lora.enabled is False and cfg.model.overrides == {"num_hidden_layers": 2}
+    assert cfg.optim.max_steps == 7
+    assert parse_override("data.geometry=[toy, /x]") == ("data.geometry", ["toy", "/x"])
+
+
+def test_variants_are_pure_config():
+    base = {"data": {"geometry": ["toy"], "instructions": "generated", "instruction_ratio": 0.5}}
+    lm_only = config_from_dict(base, ["gasp.lambda_corr=0", "gasp.lambda_depth=0"])
+    corr_only = config_from_dict(base, ["data.instruction_ratio=0"])
+    full = config_from_dict(base)
+    assert lm_only.gasp.lm_only and not corr_only.gasp.lm_only and not full.gasp.lm_only
+    assert corr_only.data.instruction_ratio == 0 and full.data.instruction_ratio == 0.5
+
+
+@pytest.mark.parametrize("data, overrides, key", [
+    ({"optim": {"lrr": 1.0}}, [], "optim.lrr"),
+    ({}, ["optim.lr=fast"], "optim.lr"),
+    ({}, ["data.instruction_ratio=1.5"], "data.instruction_ratio"),
+    ({}, ["data.instruction_ratio=0.5"], "data.instructions"),
+    ({"data": {"geometry": []}}, [], "data.geometry"),
+    ({}, ["lora.enabled=maybe"], "lora.enabled"),
+    ({}, ["optim.warmup_steps=-1"], "optim.warmup_steps"),
+    ({}, ["gasp.tau=0"], "gasp.tau"),
+    ({"model": 3}, [], "model"),
+])
+def test_errors_name_the_key(data, overrides, key):
+    data = {"data": {"geometry": ["toy"]}, **data} if "data" not in data else data
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        config_from_dict(data, overrides)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1e-4\n  nope: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'optim\.nope'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: invalid YAML"):
+        load_config(broken)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = config_from_dict({"data": {"geometry": ["toy"]}}, ["optim.lr=2e-4", "gasp.layers=[1, 2]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

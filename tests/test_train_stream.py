@@ -1,0 +1,84 @@
+"""Deterministic step batches, the geometry/instruction interleave, exact toy targets, instruction labels."""
+
+import numpy as np
+import pytest
+import torch
+
+from gasp_vlm.train.config import config_from_dict
+from gasp_vlm.train.stream import StepBatches, build_instructions, is_instruction_step, prepare_step
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_interleave_ratio_is_exact(ratio):
+    kinds = [is_instruction_step(i, ratio) for i in range(400)]
+    assert sum(kinds) == int(400 * ratio)
+    if 0 < ratio < 1:  # spread evenly, never two windows of 1/ratio steps without one
+        period = round(1 / ratio)
+        assert all(any(kinds[i:i + period]) for i in range(0, 400 - period, period))
+
+
+def _data_cfg(**over):
+    d = {"geometry": ["toy"], "toy_sequences": 8, "frames_min": 2, "frames_max": 5, "frame_hw": [112, 112]}
+    d.update(over)
+    return config_from_dict({"data": d}).data
+
+
+def test_batches_are_a_pure_function_of_step_and_rank():
+    cfg = _data_cfg(batch_size=2)
+    a, b = StepBatches(cfg), StepBatches(cfg)
+    for step in (0, 3, 11):
+        x, y = a[step], b[step]
+        assert x["kind"] == y["kind"] and len(x["items"]) == 2
+        for i, j in zip(x["items"], y["items"]):
+            assert all(np.array_equal(f, g) for f, g in zip(i["frames"], j["frames"]))
+    r0, r1 = StepBatches(cfg, rank=0, world=2)[4], StepBatches(cfg, rank=1, world=2)[4]
+    # ranks agree on the kind and frame count (same module calls) but see different sequences
+    assert r0["kind"] == r1["kind"] and len(r0["items"][0]["frames"]) == len(r1["items"][0]["frames"])
+    assert not np.array_equal(r0["items"][0]["frames"][0], r1["items"][0]["frames"][0])
+    counts = {len(StepBatches(cfg)[s]["items"][0]["frames"]) for s in range(30)}
+    assert counts <= set(range(2, 6)) and len(counts) > 1
+
+
+def test_toy_targets_are_exact_correspondences():
+    from gasp_vlm.models import load_adapter
+
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
+    ds = StepBatches(_data_cfg(frames_min=4, frames_max=4))
+    prepared, targets, rows = prepare_step(ad, ds[0], ds.geometry, "Describe.")
+    tg, lay, item = targets[0], prepared.layouts[0], ds[0]["items"][0]
+    assert rows is None and tg.num_pairs > 0
+    s, (gh, gw), px = lay.tokens_per_slot, lay.grid_hw, lay.token_px
+    for m in range(tg.anchor_tokens.numel()):
+        a = int(tg.anchor_tokens[m])
+        ar, ac = divmod(a % s, gw)
+        for t in range(tg.target_frames.numel()):
+            if not tg.valid[m, t]:
+                continue
+            v = int(tg.target_tokens[m, t])
+            slot, (r, c) = v // s, divmod(v % s, gw)
+            f = int(tg.target_frames[t])
+            assert slot == lay.slot_of_frame(f)
+            block_a = item["frames"][0][ar * px:(ar + 1) * px, ac * px:(ac + 1) * px]
+            block_t = item["frames"][f][r * px:(r + 1) * px, c * px:(c + 1) * px]
+            assert np.array_equal(block_a, block_t)  # the same scene patch, moved with the camera
+            assert float(tg.target_depth[m, t]) > 0
+
+
+def test_generated_instructions_label_only_answers(tmp_path):
+    from gasp_vlm.models import load_adapter
+
+    cfg = _data_cfg(instructions="generated", instruction_ratio=1.0, generated_instructions=3, instruction_frames=2)
+    assert build_instructions(cfg, tmp_path) is not None
+    assert (tmp_path / "instructions" / "instructions.json").is_file()
+    ds = StepBatches(cfg, work_dir=tmp_path)  # reuses the set written above
+    batch = ds[0]
+    assert batch["kind"] == "instr"
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
+    prepared, targets, rows = prepare_step(ad, batch, ds.geometry, "unused")
+    assert targets is None and rows.shape == (1, 1)
+    labels = prepared.labels[0]
+    answer = ad.tokenizer.decode(labels[labels != -100])
+    assert answer.strip().rstrip("<|im_end|>").strip() == batch["items"][0]["answer"]
+    assert (labels != -100).sum() < labels.numel() // 2  # the prompt and the video carry no labels
