@@ -89,3 +89,27 @@ def test_batched_layers_default_and_same_result_as_per_layer(setup):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
     for n in ga:
         assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_head_init_ablation_random_vs_svd(setup):
+    ad, prepared, _ = setup
+    svd = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, calib_tokens=0))
+    rnd = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, head_init="random"))
+    assert rnd.layer_indices == svd.layer_indices == [0, 1, 2]
+    # SVD init: W1's rows span the top right-singular directions of q_proj (folded with the RMSNorm gain);
+    # the random init does not, and it is seeded (same heads twice)
+    q, _ = ad.attn_projections(0)
+    g = ad.decoder_layers()[0].input_layernorm.weight.detach()
+    _, _, vh = torch.linalg.svd(q.weight.detach() * g[None, :], full_matrices=False)
+    top = vh[:32]  # (32, D)
+
+    def captured(w1):  # fraction of W1's first 32 rows' energy inside the top-32 right-singular subspace
+        rows = w1[:32]
+        return float(((rows @ top.T) ** 2).sum() / (rows ** 2).sum())
+
+    assert captured(svd[0].fc1.weight.detach()) > 0.99
+    assert captured(rnd[0].fc1.weight.detach()) < 0.5
+    again = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, head_init="random"))
+    assert torch.equal(again[0].fc1.weight, rnd[0].fc1.weight)
+    with pytest.raises(ValueError, match="head_init"):
+        build_heads(ad, GaspLossConfig(head_init="orthogonal"))

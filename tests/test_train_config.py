@@ -39,10 +39,12 @@ def test_overrides_are_typed_and_dotted():
 def test_variants_are_pure_config():
     base = {"data": {"geometry": ["toy"], "instructions": "generated", "instruction_ratio": 0.5}}
     lm_only = config_from_dict(base, ["gasp.lambda_corr=0", "gasp.lambda_depth=0"])
-    corr_only = config_from_dict(base, ["data.instruction_ratio=0"])
+    corr_only = config_from_dict(base, ["gasp.lambda_depth=0"])
     full = config_from_dict(base)
     assert lm_only.gasp.lm_only and not corr_only.gasp.lm_only and not full.gasp.lm_only
-    assert corr_only.data.instruction_ratio == 0 and full.data.instruction_ratio == 0.5
+    assert corr_only.gasp.lambda_depth == 0 and full.gasp.lambda_depth > 0 and corr_only.gasp.lambda_corr > 0
+    # identical data for all three: only the loss weights differ
+    assert lm_only.data == corr_only.data == full.data
 
 
 @pytest.mark.parametrize("data, overrides, key", [
@@ -54,6 +56,7 @@ def test_variants_are_pure_config():
     ({}, ["lora.enabled=maybe"], "lora.enabled"),
     ({}, ["optim.warmup_steps=-1"], "optim.warmup_steps"),
     ({}, ["gasp.tau=0"], "gasp.tau"),
+    ({}, ["gasp.head_init=orthogonal"], "gasp.head_init"),
     ({"model": 3}, [], "model"),
 ])
 def test_errors_name_the_key(data, overrides, key):

@@ -20,8 +20,8 @@ def main() -> None:
     Typical flow:
       gasp data synth --out data/synth        # or: gasp data convert dl3dv ...
       gasp diagnose --model tiny-qwen2.5-vl --data data/synth --out runs/diag
-      gasp train --config configs/demo.yaml
-      gasp export --checkpoint runs/train/last --out runs/merged
+      gasp train --config demo.yaml --out runs/train   # shipped configs are found by name
+      gasp export runs/train --out runs/merged   # heads dropped, LoRA merged
       gasp eval --benchmark vsibench --data ~/VSI-Bench --model runs/merged --out runs/vsi
       gasp demo --out runs/demo               # the whole miniature experiment on CPU
     """

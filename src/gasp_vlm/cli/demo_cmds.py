@@ -25,7 +25,7 @@ from gasp_vlm.cli import main
 @click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps per variant.")
 @click.option("--train-scenes", type=click.IntRange(1), default=None, help="Synthetic training scenes.")
 @click.option("--diag-sequences", type=click.IntRange(1), default=None, help="Held-out sequences per diagnosis.")
-@click.option("--jobs", type=click.IntRange(1), default=None, help="Trainings run side by side (default 2).")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Trainings run side by side (default 3: all variants at once).")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
 def demo_cmd(out: Path, quick: bool, seeds: int, model: str | None, config: Path | None, overrides: tuple[str, ...],
              steps: int | None, train_scenes: int | None, diag_sequences: int | None, jobs: int | None,

@@ -52,6 +52,7 @@ class GaspLossConfig:
     # region; transient memory in gasp_losses' docstring) instead of one pass per layer. Same math.
     batched_layers: bool = True
     calib_tokens: int = 512  # hidden states used to calibrate the SVD init (0 = none)
+    head_init: str = "svd"  # svd: the paper's init from each layer's q_proj | random: PyTorch default (ablation)
 
     @property
     def lm_only(self) -> bool:
@@ -97,6 +98,12 @@ def build_heads(adapter, cfg: GaspLossConfig, calib_batch=None) -> Correspondenc
     if cfg.lm_only:
         return None
     layers = resolve_layers(adapter.num_layers, cfg.layers)
+    if cfg.head_init == "random":
+        heads = CorrespondenceHeads.random_init(adapter.hidden_size, adapter.num_layers, layers, d_hidden=cfg.d_hidden,
+                                                d_out=cfg.d_out, seed=0)
+        return heads.to(adapter.device)
+    if cfg.head_init != "svd":
+        raise ValueError(f"gasp.head_init must be 'svd' or 'random', got {cfg.head_init!r}")
     calib = (calibration_hidden(adapter, calib_batch, layers, cfg.calib_tokens)
              if calib_batch is not None and cfg.calib_tokens > 0 else None)
     q_w, q_b, norm_w = {}, {}, {}

@@ -8,10 +8,11 @@ fine-tuning of every LLM parameter (embeddings, decoder, final norm, lm_head); t
 projector stay frozen either way. Full training is the sensible choice for the random-initialised
 presets: a low-rank update of random weights has little to work with, and a ~5 M-parameter LLM is cheap.
 
-The three variants of the miniature experiment differ only in config:
+The three variants of the miniature experiment (demo.py) differ only in config:
     LM-only control      gasp.lambda_corr=0 gasp.lambda_depth=0   (no heads are built)
-    correspondence-only  data.instruction_ratio=0                 (no instruction data, no LM signal)
-    full GASP            both lambdas > 0, data.instruction_ratio > 0
+    correspondence-only  gasp.lambda_depth=0                      (InfoNCE, no depth term)
+    full GASP            both lambdas > 0
+All three see the same data stream (the same geometry and instruction steps).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class DataConfig:
     frames_max: int = 24
     window_radius: int = 48  # frames sampled within ± this of the anchor frame
     grid: str = "coarse"  # target grid for data/targets.py: coarse | fine
-    anchors: str = "one"  # one: the paper's single anchor frame per sequence | all: every frame in turn
+    # one: the paper's single anchor frame per sequence | all: every frame in turn (scene folders; the
+    # built-in toy source always anchors frame 0)
+    anchors: str = "one"
     cache_frames: bool = False  # keep decoded scene frames in memory (small datasets such as the demo's)
     instructions: str | None = None  # LLaVA-Video-178K style JSON, or "generated" (built-in toy set)
     generated_instructions: int = 32  # size of the "generated" set
@@ -125,6 +128,7 @@ class TrainConfig:
             (self.gasp.lambda_corr >= 0 and self.gasp.lambda_depth >= 0, "gasp.lambda_corr",
              "loss weights must be >= 0"),
             (self.gasp.tau > 0, "gasp.tau", "must be > 0"),
+            (self.gasp.head_init in ("svd", "random"), "gasp.head_init", "must be svd | random"),
             (len(self.data.frame_hw) == 2, "data.frame_hw", "needs [height, width]"),
             (self.save_every > 0, "save_every", "must be > 0"),
             (self.keep_last >= 1, "keep_last", "must be >= 1"),
