@@ -216,3 +216,59 @@ def test_pooled_token_depth_matches_per_pixel_reference(preset, hw):
             assert valid[g * s + tok] == exp_valid
             if exp_valid:
                 assert depth[g * s + tok] == pytest.approx(px[ok].mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset, mode, hw", [("tiny-qwen2.5-vl", None, (56, 84)), ("tiny-qwen2.5-vl", "pair", (56, 84))])
+def test_multi_anchor_targets_merge_the_per_anchor_ones(preset, mode, hw):
+    """data.anchors: all -- every frame an anchor in turn, merged into one TokenTargets whose loss sums
+    equal the per-anchor targets' sums (the losses are pooled over pairs)."""
+    from gasp_vlm.data.targets import build_multi_anchor_targets
+    from gasp_vlm.method.losses import gasp_layer_sums
+
+    h, w = hw
+    shifts = [0, 1, 0, 2] if mode is None else [0, 0, 1, 1]
+    lay = _layout(preset, mode, hw, len(shifts))
+    s = lay.tokens_per_slot
+    Ks, cams = _cams(shifts, lay.token_px / lay.transform.scale[0], h, w)
+    rng = np.random.default_rng(0)
+    depths = [np.full(hw, Z, np.float32) for _ in shifts]
+    depths[2][: h // 2, : w // 3] = 0.0  # some invalid depth, so pooled validity differs by slot
+    order = [2, 0, 1, 3]  # as GeometrySequenceSource: the anchor, then the others ascending
+    merged = build_multi_anchor_targets(lay, depths, Ks, cams, order)
+    firsts = {}
+    parts = []
+    for a in order:
+        g = lay.slot_of_frame(a)
+        if g in firsts:
+            continue
+        firsts[g] = a
+        parts.append(build_token_targets(lay, depths, Ks, cams, anchor_frame=a))
+    assert len(parts) == lay.num_slots
+    # rows: each part's anchors in order; columns: every slot, the row's own slot invalid
+    assert torch.equal(merged.anchor_tokens, torch.cat([p.anchor_tokens for p in parts]))
+    assert torch.equal(merged.target_slots, torch.arange(lay.num_slots))
+    row = 0
+    for p in parts:
+        m = p.anchor_tokens.numel()
+        own = int(p.anchor_tokens[0]) // s
+        assert not merged.valid[row:row + m, own].any()
+        assert torch.equal(merged.target_tokens[row:row + m][:, p.target_slots], p.target_tokens)
+        assert torch.equal(merged.valid[row:row + m][:, p.target_slots], p.valid)
+        row += m
+    # token depth (pooled once): every slot's from the frame that anchors it
+    d_ref, v_ref = pooled_token_depth(lay, [depths[firsts[g]] for g in range(lay.num_slots)], 0.5)
+    np.testing.assert_array_equal(merged.token_depth.numpy(), d_ref)
+    np.testing.assert_array_equal(merged.token_depth_valid.numpy(), v_ref)
+    assert not v_ref.all() and v_ref.any()
+    assert merged.valid.any()
+
+    emb = torch.from_numpy(rng.normal(size=(lay.num_visual, 16)).astype(np.float32))
+
+    def sums(t):
+        return gasp_layer_sums(emb, t.anchor_tokens, t.target_tokens, t.valid, t.target_depth, t.target_slots,
+                               merged.token_depth, merged.token_depth_valid, s)
+
+    got = sums(merged)
+    want = [sum(x) for x in zip(*(sums(p) for p in parts))]
+    for g_, w_ in zip(got, want):
+        assert torch.allclose(g_.float(), w_.float(), rtol=1e-5, atol=1e-5)

@@ -171,7 +171,8 @@ def pooled_token_depth(layout: "TokenLayout", slot_depths: Sequence[np.ndarray] 
 def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np.ndarray, intrinsics: np.ndarray,
                         cam_from_worlds: np.ndarray, anchor_frame: int = 0, grid: str = "coarse",
                         fine_per_token: int = 2, rel_tol: float = 0.05,
-                        min_valid_fraction: float = 0.5) -> TokenTargets:
+                        min_valid_fraction: float = 0.5,
+                        token_depth: tuple[np.ndarray, np.ndarray] | None = None) -> TokenTargets:
     """GASP targets of one sequence for a model ``layout`` (all inputs in original-frame pixels).
 
     depths: F maps (H, W) of the frames as given to the model (F = layout.num_frames, all the size
@@ -192,6 +193,9 @@ def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np
       anchor slot).
     - target_uv is NaN where there is no projection (anchor depth 0 or z <= 0); target_depth is 0
       where the anchor depth is 0 (z may be <= 0 behind the camera: "none" for the losses).
+
+    ``token_depth``: a ``pooled_token_depth`` result (depth, valid) to reuse instead of pooling again
+    (it depends only on the depth maps of the slots' defining frames, not on the queries).
     """
     n_f = layout.num_frames
     intrinsics = np.asarray(intrinsics, dtype=np.float64).reshape(-1, 3, 3)
@@ -236,8 +240,10 @@ def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np
         target_uv = np.zeros((m, 0, 2))
         target_depth = np.zeros((m, 0))
 
-    slot_def = [anchor_frame if g == a_slot else layout.slot_frames[g][0] for g in range(layout.num_slots)]
-    tok_depth, tok_valid = pooled_token_depth(layout, [depths[f] for f in slot_def], min_valid_fraction)
+    if token_depth is None:
+        slot_def = [anchor_frame if g == a_slot else layout.slot_frames[g][0] for g in range(layout.num_slots)]
+        token_depth = pooled_token_depth(layout, [depths[f] for f in slot_def], min_valid_fraction)
+    tok_depth, tok_valid = token_depth
 
     return TokenTargets(
         anchor_frame=int(anchor_frame),
@@ -280,8 +286,7 @@ def merge_anchor_targets(per_anchor: Sequence[TokenTargets], num_slots: int) -> 
                      ("valid", valid), ("target_uv", uv), ("target_depth", depth)):
             rows[k].append(v)
     first = per_anchor[0]
-    # The anchor slot's token depth comes from its own anchor frame: gather per slot from the anchor
-    # that owns it (identical pooling for one-frame-per-slot layouts).
+    # Token depth: the first part's (its slots' defining frames; see build_multi_anchor_targets).
     return TokenTargets(anchor_frame=first.anchor_frame, target_frames=frames,
                         target_slots=torch.arange(num_slots, dtype=torch.long),
                         token_depth=first.token_depth, token_depth_valid=first.token_depth_valid,
@@ -291,13 +296,19 @@ def merge_anchor_targets(per_anchor: Sequence[TokenTargets], num_slots: int) -> 
 def build_multi_anchor_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np.ndarray,
                                intrinsics: np.ndarray, cam_from_worlds: np.ndarray,
                                anchor_frames: Sequence[int], **kw) -> TokenTargets:
-    """``build_token_targets`` for each of ``anchor_frames`` (one per slot at most), merged."""
+    """``build_token_targets`` for each of ``anchor_frames`` (one per slot at most), merged.
+
+    The per-token depth is pooled once, by the first anchor's call, and reused by the others' (the merge
+    keeps the first's): it depends only on the depth maps of the slots' defining frames.
+    """
     slots_seen: set[int] = set()
-    parts = []
+    parts: list[TokenTargets] = []
     for a in anchor_frames:
         slot = layout.slot_of_frame(int(a))
         if slot in slots_seen:  # Qwen pair mode: the slot partner would only repeat the same tokens
             continue
         slots_seen.add(slot)
-        parts.append(build_token_targets(layout, depths, intrinsics, cam_from_worlds, anchor_frame=int(a), **kw))
+        pooled = (parts[0].token_depth.numpy(), parts[0].token_depth_valid.numpy()) if parts else None
+        parts.append(build_token_targets(layout, depths, intrinsics, cam_from_worlds, anchor_frame=int(a),
+                                         token_depth=pooled, **kw))
     return merge_anchor_targets(parts, layout.num_slots)
