@@ -34,6 +34,12 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.lora.enabled is False and cfg.model.overrides == {"num_hidden_layers": 2}
     assert cfg.optim.max_steps == 7
     assert parse_override("data.geometry=[toy, /x]") == ("data.geometry", ["toy", "/x"])
+    # YAML 1.1 reads "1e-3" as a string: every override gets the config files' float fix, not just *lr keys
+    cfg = config_from_dict({"data": {"geometry": ["toy"]}},
+                           ["optim.min_lr_ratio=1e-3", "gasp.tau=5e-2", "model.overrides={rms_norm_eps: 1e-5}"])
+    assert cfg.optim.min_lr_ratio == pytest.approx(1e-3) and cfg.gasp.tau == pytest.approx(5e-2)
+    assert cfg.model.overrides == {"rms_norm_eps": 1e-5}
+    assert parse_override("model.name=Qwen/Qwen2.5-VL-7B-Instruct") == ("model.name", "Qwen/Qwen2.5-VL-7B-Instruct")
 
 
 def test_variants_are_pure_config():

@@ -239,12 +239,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and key.endswith(("lr", "weight_decay", "tau")):
-        try:  # PyYAML reads "1e-4" as a string (YAML 1.1); accept it for float fields
-            value = float(value)
-        except ValueError:
-            pass
-    return key, value
+    return key, _fix_yaml_floats(value)  # the same YAML 1.1 fix as for config files
 
 
 def _fix_yaml_floats(node: Any) -> Any:
