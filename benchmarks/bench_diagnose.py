@@ -68,7 +68,7 @@ def bench(name: str, sequences: int, frames: int, size: int, mode_sets: list[tup
                 clock["t"] = time.perf_counter()
 
             with tempfile.TemporaryDirectory() as tmp:
-                clock["t"] = t0 = time.perf_counter()
+                clock["t"] = time.perf_counter()
                 run_diagnosis(adapter, source, idx, modes=modes, num_frames=frames, reverse=reverse, out_dir=tmp,
                               progress=False, pictures=0, prompt=prompt, on_sequence=on_sequence)
                 report_s.append(time.perf_counter() - clock["t"])

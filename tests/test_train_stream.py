@@ -49,7 +49,7 @@ def test_toy_targets_are_exact_correspondences():
     prepared, targets, rows = prepare_step(ad, ds[0], ds.geometry, "Describe.")
     tg, lay, item = targets[0], prepared.layouts[0], ds[0]["items"][0]
     assert rows is None and tg.num_pairs > 0
-    s, (gh, gw), px = lay.tokens_per_slot, lay.grid_hw, lay.token_px
+    s, (_, gw), px = lay.tokens_per_slot, lay.grid_hw, lay.token_px
     for m in range(tg.anchor_tokens.numel()):
         a = int(tg.anchor_tokens[m])
         ar, ac = divmod(a % s, gw)

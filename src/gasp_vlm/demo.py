@@ -22,10 +22,9 @@ with N data/model seeds under ``seed_<k>/`` and reports mean and spread.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -117,8 +116,8 @@ def variant_config(config: Path, variant: str, data: dict[str, Path], plan: Demo
     from gasp_vlm.train.config import load_config
 
     sets = [f"data.geometry=[{data['train']}]", f"data.instructions={data['instructions']}",
-            f"seed={plan.seed}", f"data.seed={plan.seed}", f"model.seed={plan.seed}", "report_to=[]", *plan.config_overrides, *overrides,
-            *VARIANTS[variant]]
+            f"seed={plan.seed}", f"data.seed={plan.seed}", f"model.seed={plan.seed}", "report_to=[]",
+            *plan.config_overrides, *overrides, *VARIANTS[variant]]
     if plan.max_steps is not None:
         sets.append(f"optim.max_steps={plan.max_steps}")
     return load_config(config, sets)
@@ -177,8 +176,20 @@ def _final_losses(recs: list[dict], window: int = 20) -> dict[str, float | None]
 
 
 def _last_step(run_dir: Path) -> int:
-    recs = _log_records(run_dir)
-    return int(recs[-1].get("step", 0)) if recs else 0
+    """Step of the last complete log record; reads only the file's tail (polled every second)."""
+    path = run_dir / "logs" / "train.jsonl"
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        start = max(0, path.stat().st_size - 8192)
+        f.seek(start)
+        lines = f.read().split(b"\n")
+    for line in reversed(lines[1:] if start else lines):  # after a seek, lines[0] may be cut
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (json.JSONDecodeError, UnicodeDecodeError):  # empty, or a line being written right now
+            continue
+    return 0
 
 
 def train_variants(out: Path, configs: dict[str, Any], jobs: int, progress: bool = True) -> dict[str, dict]:
@@ -273,26 +284,23 @@ def diagnose_models(out: Path, model_paths: dict[str, Any], heldout: Path, plan:
     return reports
 
 
-def lookalike_pck(diag_dir: Path, heldout: Path, layer: int, mode: str = "qk") -> dict[str, Any]:
+def lookalike_pck(diag_dir: Path, layer: int, mode: str = "qk") -> dict[str, Any]:
     """PCK at ``layer`` on camouflage scenes, split by the query's object: the look-alike foreground
-    object, the background wall with the same texture, and everything else."""
-    from gasp_vlm.data.scene import load_scene
+    object and the background wall that wears the same texture (and both together)."""
     from gasp_vlm.diagnose import metrics as M
     from gasp_vlm.diagnose.run import join_points
 
     rec = M.load_records(diag_dir / mode / "records.npz")[0]
     pts_file = np.load(diag_dir / "points.npz")
     pts = pts_file["points"]
-    seq_scene = dict(zip(pts_file["seq_ids"].tolist(), pts_file["scenes"].tolist()))
-    metas = {}
-    for name in set(seq_scene.values()):
-        metas[name] = load_scene(heldout / name).meta
+    # each sequence's scene.json, as the diagnosis stored it (no need to reopen the scenes)
+    seq_meta = {int(i): json.loads(m) for i, m in zip(pts_file["seq_ids"], pts_file["scene_meta"])}
     rec = rec[rec["layer"] == layer]
     obj = join_points(rec, pts, "object_id")
-    scene = np.array([seq_scene.get(int(s), "") for s in rec["seq"]])
-    camo = np.array([bool(metas.get(s, {}).get("camouflage")) for s in scene], dtype=bool)
-    fg_id = np.array([metas.get(s, {}).get("camouflage_object_id", -99) for s in scene])
-    bg_id = np.array([metas.get(s, {}).get("background_object_id", -99) for s in scene])
+    metas = [seq_meta.get(int(s), {}) for s in rec["seq"]]
+    camo = np.array([bool(m.get("camouflage")) for m in metas], dtype=bool)
+    fg_id = np.array([m.get("camouflage_object_id", -99) for m in metas])
+    bg_id = np.array([m.get("background_object_id", -99) for m in metas])
     groups = {"foreground": camo & (obj == fg_id), "background": camo & (obj == bg_id)}
     groups["lookalike"] = groups["foreground"] | groups["background"]
     res: dict[str, Any] = {"layer": int(layer), "mode": mode}
@@ -536,12 +544,6 @@ def _reading(rows: dict[str, dict]) -> list[str]:
     return [" ".join(out)]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # The whole experiment
 # ------------------------------------------------------------------------------------------------
@@ -567,7 +569,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, *, config: str | Pat
 
     t2 = time.time()
     diag = diagnose_models(out, models, data["heldout"], plan, progress)
-    lookalike = {n: lookalike_pck(out / "diagnose" / n, data["heldout"], _peak(diag[n]["qk"])[0]) for n in diag}
+    lookalike = {n: lookalike_pck(out / "diagnose" / n, _peak(diag[n]["qk"])[0]) for n in diag}
     t_diag = time.time() - t2
 
     rows = summarize_run(diag, lookalike)
@@ -582,8 +584,10 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, *, config: str | Pat
                     "total_s": round(time.time() - t0, 1)},
         "plots": plots,
     }
-    _atomic_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
-    _atomic_text(out / "report.md", report_markdown(report))
+    from gasp_vlm.diagnose.run import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
+    atomic_write_text(out / "report.md", report_markdown(report))
     return report
 
 
@@ -604,7 +608,9 @@ def aggregate_seeds(out: Path, reports: list[dict]) -> dict:
                                 "values": [c["value"] for c in same]}
     summary = {"format": "gasp-demo-seeds/1", "seeds": len(reports), "results": agg, "targets": targets,
                "runs": [f"seed_{r['plan']['seed']}/report.json" for r in reports]}
-    _atomic_text(out / "report.json", json.dumps(summary, indent=1, allow_nan=False))
+    from gasp_vlm.diagnose.run import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1, allow_nan=False))
     heads = {"qk_peak_pck1": "qk PCK@1 (peak layer)", "qk_far_pck1": "qk far PCK@1", "hidden_peak_pck1":
              "hidden PCK@1 (peak layer)", "lookalike_error": "look-alike error"}
     md = [f"# GASP in miniature: {len(reports)} seeds", "", "Mean ± standard deviation over the seeds (held-out).", "",
@@ -615,7 +621,7 @@ def aggregate_seeds(out: Path, reports: list[dict]) -> dict:
     md += ["", "| target | passed | values |", "|---|---|---|"]
     md += [f"| {t} | {v['passed']}/{v['of']} | {', '.join(_fmt(x) for x in v['values'])} |" for t, v in targets.items()]
     md += ["", *[f"- [seed {r['plan']['seed']}](seed_{r['plan']['seed']}/report.md)" for r in reports]]
-    _atomic_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return summary
 
 

@@ -6,7 +6,6 @@ Thin wrapper over gasp_vlm.diagnose.run; heavy imports stay inside the command.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import re
 from pathlib import Path
@@ -49,18 +48,7 @@ def load_trained(ckpt: Path, device: str, dtype: str | None) -> tuple[Any, Any, 
     """A gasp training checkpoint -> (adapter, heads or None, meta) via train.checkpoint.load_checkpoint."""
     from gasp_vlm.train.checkpoint import load_checkpoint
 
-    params = inspect.signature(load_checkpoint).parameters
-    kw: dict[str, Any] = {}
-    if "device" in params:
-        kw["device"] = device
-    if dtype is not None and "dtype" in params:
-        kw["dtype"] = dtype
-    out = load_checkpoint(ckpt, **kw)
-    if isinstance(out, tuple):
-        adapter, heads, meta = (tuple(out) + (None, None))[:3]
-    else:  # a single object carrying the pieces
-        adapter, heads, meta = getattr(out, "adapter", out), getattr(out, "heads", None), getattr(out, "meta", None)
-    return adapter, heads, meta or {}
+    return load_checkpoint(ckpt, device=device, dtype=dtype)
 
 
 def make_source(data: str, *, n_needed: int, seed: int, toy_size: int) -> Any:
@@ -81,10 +69,8 @@ def make_source(data: str, *, n_needed: int, seed: int, toy_size: int) -> Any:
     if not scenes:
         raise click.ClickException(f"--data {data}: no scene folders (with scene.json) in it; "
                                    "create some with `gasp data synth` or `gasp data convert`")
-    try:
-        from gasp_vlm.data.sequences import GeometrySequenceSource
-    except ImportError as e:
-        raise click.ClickException(f"the scene-sequence reader is not available in this install ({e})") from None
+    from gasp_vlm.data.sequences import GeometrySequenceSource
+
     return GeometrySequenceSource(root, frames_window=48, grid="coarse", seed=seed)
 
 
@@ -138,7 +124,7 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
 
     \b
     Run:     gasp diagnose --model tiny-qwen2.5-vl --data toy --out runs/diag --modes qk,hidden --reverse
-    Trained: gasp diagnose --checkpoint runs/train/last --data data/synth --out runs/diag-gasp --modes qk,head
+    Trained: gasp diagnose --checkpoint runs/train --data data/synth --out runs/diag-gasp --modes qk,head
     Compare: gasp diagnose --compare runs/diag/report.json runs/diag-gasp/report.json --out runs/cmp
     """
     if compare or reports:
@@ -188,14 +174,13 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
     with _clean_errors():
         source = make_source(data, n_needed=start + sequences * stride, seed=seed, toy_size=toy_size)
     indices = list(range(start, start + sequences * stride, stride))
-    n_avail = len(source) if hasattr(source, "__len__") else None
-    if n_avail is not None:
-        if start >= n_avail:
-            raise click.ClickException(f"--start {start}: the data has only {n_avail} sequences")
-        if indices[-1] >= n_avail:
-            indices = [i for i in indices if i < n_avail]
-            click.echo(f"note: the data has {n_avail} sequences; diagnosing {len(indices)} "
-                       f"(indices {start}..{indices[-1]} step {stride})", err=True)
+    n_avail = len(source)
+    if start >= n_avail:
+        raise click.ClickException(f"--start {start}: the data has only {n_avail} sequences")
+    if indices[-1] >= n_avail:
+        indices = [i for i in indices if i < n_avail]
+        click.echo(f"note: the data has {n_avail} sequences; diagnosing {len(indices)} "
+                   f"(indices {start}..{indices[-1]} step {stride})", err=True)
 
     import torch
 

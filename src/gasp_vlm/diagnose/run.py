@@ -125,7 +125,7 @@ class OrthoToySource:
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> Path:
+def atomic_write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -577,7 +577,7 @@ def run_diagnosis(adapter, source, indices: Sequence[int], *, modes: Sequence[st
         for m in MODES:
             if m not in modes and (out_dir / m / "report.json").is_file():
                 shutil.rmtree(out_dir / m)
-    _atomic_write_text(run_json, json.dumps({"config": cfg, "fingerprint": fp, "status": "running"}, indent=2))
+    atomic_write_text(run_json, json.dumps({"config": cfg, "fingerprint": fp, "status": "running"}, indent=2))
 
     pending = [i for i in indices if not _sequence_done(_seq_path(out_dir, i), fp)]
     timing = {"sample": 0.0, "prepare_forward": 0.0, "match": 0.0, "write": 0.0}
@@ -612,7 +612,7 @@ def run_diagnosis(adapter, source, indices: Sequence[int], *, modes: Sequence[st
     report = aggregate(out_dir, source, indices, modes=modes, model_name=model_name, num_frames=num_frames,
                        frame_mode=fmode, pictures=pictures, extra_cfg=cfg)
     n_new = len(pending)
-    _atomic_write_text(run_json, json.dumps({
+    atomic_write_text(run_json, json.dumps({
         "config": cfg, "fingerprint": fp, "status": "done", "num_sequences": len(indices),
         "computed_now": n_new, "resumed": len(indices) - n_new,
         "timing_s_per_sequence": {k: (v / n_new if n_new else None) for k, v in timing.items()},
@@ -662,16 +662,16 @@ def aggregate(out_dir: str | Path, source: Any, indices: Sequence[int], *, modes
         _atomic_save_records(mdir / "records.npz", fwd, {**meta, "direction": "forward"})
         if rev is not None:
             _atomic_save_records(mdir / "records_reverse.npz", rev, {**meta, "direction": "reverse"})
-        _atomic_write_text(mdir / "report.json", json.dumps(rep, indent=2, allow_nan=False))
-        _atomic_write_text(mdir / "report.md", report_markdown({mode: rep}))
+        atomic_write_text(mdir / "report.json", json.dumps(rep, indent=2, allow_nan=False))
+        atomic_write_text(mdir / "report.md", report_markdown({mode: rep}))
         P.write_standard_plots(rep, mdir, fwd)
         reports[mode], all_records[mode] = rep, fwd
 
     primary = modes[0]
     top = dict(reports[primary])
     top["modes"] = {m: f"{m}/report.json" for m in modes}
-    _atomic_write_text(out_dir / "report.json", json.dumps(top, indent=2, allow_nan=False))
-    _atomic_write_text(out_dir / "report.md", report_markdown(reports) + "\n![PCK per layer](pck_per_layer.png)\n"
+    atomic_write_text(out_dir / "report.json", json.dumps(top, indent=2, allow_nan=False))
+    atomic_write_text(out_dir / "report.md", report_markdown(reports) + "\n![PCK per layer](pck_per_layer.png)\n"
                        "![PCK vs gap](pck_vs_gap.png)\n![Reliability](reliability.png)\n")
     P.plot_pck_per_layer(list(reports.values()), out_dir / "pck_per_layer.png", labels=list(reports),
                          show_pck0=len(reports) <= 2, show_reverse=len(reports) == 1 and "reverse" in top)

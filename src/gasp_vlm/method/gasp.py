@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from gasp_vlm.method.heads import CorrespondenceHeads
+from gasp_vlm.method.heads import CorrespondenceHeads, resolve_layer_indices
 from gasp_vlm.method.losses import DEFAULT_TAU, gasp_losses
 
 
@@ -63,13 +63,11 @@ class GaspLossConfig:
 
 
 def resolve_layers(num_layers: int, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(num_layers))
-    out = [int(l) + (num_layers if int(l) < 0 else 0) for l in layers]
-    bad = [l for l, o in zip(layers, out) if not 0 <= o < num_layers]
-    if bad:
-        raise ValueError(f"gasp.layers: {bad} out of range for a model with {num_layers} decoder layers")
-    return out
+    """``gasp.layers`` -> decoder-layer indices (the heads' own rule), errors naming the config key."""
+    try:
+        return resolve_layer_indices(num_layers, layers)
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"gasp.layers: {e}") from None
 
 
 @torch.no_grad()

@@ -224,7 +224,8 @@ def stacked_heads_forward(heads: Sequence[CorrespondenceHead], x: Tensor) -> Ten
     return out.reshape(num, *lead, out.shape[-1])
 
 
-def _resolve_layers(num_layers: int, layers: Iterable[int] | None) -> list[int]:
+def resolve_layer_indices(num_layers: int, layers: Iterable[int] | None) -> list[int]:
+    """None -> all layers; negative indices count from the end; out of range -> IndexError, duplicates -> ValueError."""
     if layers is None:
         return list(range(num_layers))
     out = []
@@ -272,7 +273,7 @@ class CorrespondenceHeads(nn.ModuleList):
         num_layers = (max(q_weights) + 1) if isinstance(q_weights, Mapping) else len(q_weights)
         if layers is None and isinstance(q_weights, Mapping):
             layers = sorted(q_weights)
-        idx = _resolve_layers(num_layers, layers)
+        idx = resolve_layer_indices(num_layers, layers)
 
         def pick(seq, i):
             if seq is None:
@@ -291,7 +292,7 @@ class CorrespondenceHeads(nn.ModuleList):
     def random_init(cls, d_model: int, num_layers: int, layers: Iterable[int] | None = None,
                     d_hidden: int = 1024, d_out: int = 256, seed: int | None = None) -> "CorrespondenceHeads":
         """Default (PyTorch Linear) initialisation, e.g. for tests or an init ablation."""
-        idx = _resolve_layers(num_layers, layers)
+        idx = resolve_layer_indices(num_layers, layers)
         if seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

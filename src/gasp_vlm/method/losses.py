@@ -606,13 +606,8 @@ def _gasp_losses_batched(per_layer_visual_feats, heads, targets_list, tokens_per
 
 def _gasp_losses_per_layer(per_layer_visual_feats, heads, targets_list, tokens_per_slot, tau, lambda_corr,
                            lambda_depth, checkpoint, max_anchors, generator) -> GaspLossOutput:
-    """The per-layer path (``gasp_losses(batched=False)``): one head call + loss (+ checkpoint) per layer."""
-    num_layers = len(per_layer_visual_feats)
-    if num_layers != len(heads):
-        raise ValueError(f"{num_layers} feature layers but {len(heads)} heads")
-    if num_layers == 0:
-        raise ValueError("gasp_losses needs at least one supervised layer")
-
+    """The per-layer path (``gasp_losses(batched=False)``): one head call + loss (+ checkpoint) per layer.
+    (``gasp_losses`` has checked the layer / head counts.)"""
     def split(entry) -> list[Tensor]:
         return list(entry.unbind(0)) if isinstance(entry, Tensor) else list(entry)
 

@@ -15,14 +15,13 @@ and frame count of every step (same module calls everywhere: DDP/ZeRO never wait
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-
-import os
-import shutil
-from pathlib import Path
 
 from gasp_vlm.train.config import ConfigError, DataConfig
 
