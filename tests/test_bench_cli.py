@@ -119,3 +119,40 @@ def test_compare_writes_table_and_png(tmp_path):
     assert "| Counting | 100.00 | 0.00 | -100.00 |" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "compare.json").read_text())["rows"][0]["name"] == "overall"
+
+
+def _score_cmd(root, preds_path, out):
+    return CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(preds_path),
+                                     "--out", str(out)])
+
+
+def test_conflicting_duplicate_ids_fail_and_write_nothing(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    # id 0 answered twice differently (once as an int id); id 1 repeated identically is not the problem
+    p = _write_preds(tmp_path / "p.jsonl", {"0": "4", "1": "2.5"},
+                     extra_lines=['{"sample_id": "1", "raw_output": "2.5"}', '{"sample_id": 0, "raw_output": "5"}'])
+    out = tmp_path / "o"
+    r = _score_cmd(root, p, out)
+    assert r.exit_code != 0
+    assert f"{p}: 1 sample_id(s) appear more than once with different raw_output: '0' (lines 1, 4)" in r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_identical_duplicate_ids_warn_and_score_once(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    preds = {"0": "4", "1": "2.5", "4": "A", "5": "A"}
+    clean, _ = _score(tmp_path, "vsibench", root, preds)
+    assert clean["duplicate_ids"] == 0 and clean["duplicate_lines"] == 0
+    # an appended/resumed log: id 0 three times, id 4 twice, all with the same answer
+    repeats = [json.dumps({"sample_id": s, "raw_output": preds[s]}) for s in ("0", "4", "0")]
+    p = _write_preds(tmp_path / "dup.jsonl", preds, extra_lines=repeats)
+    out = tmp_path / "o"
+    r = _score_cmd(root, p, out)
+    assert r.exit_code == 0, r.output
+    warning = f"warning: {p}: 2 sample_id(s) repeated with identical raw_output (3 extra line(s) ignored)"
+    assert warning in r.stderr and warning not in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["duplicate_ids"] == 2 and res["duplicate_lines"] == 3
+    drop = ("duplicate_ids", "duplicate_lines", "predictions")
+    assert {k: v for k, v in res.items() if k not in drop} == {k: v for k, v in clean.items() if k not in drop}
+    assert len((out / "scored.jsonl").read_text().splitlines()) == res["num_samples"]

@@ -72,7 +72,7 @@ def test_crash_then_resume_with_truncated_line(tmp_path):
     res = run_eval("blink", root, gen, out, batch_size=2, progress=False)
     assert sum(len(c) for c in gen.calls) == 4  # only the 4 unanswered samples
     ids = [r["sample_id"] for r in _lines(pred_path)]
-    assert len(ids) == len(set(ids)) == 8 and res["num_missing"] == 0
+    assert len(ids) == len(set(ids)) == 8 and res["num_missing"] == 0 and res["duplicate_ids"] == 0
     assert json.loads((out / "run.json").read_text())["resumed_with_done"] == 4
     # a third run has nothing left to generate and reproduces the same scores
     gen3 = FakeGenerator()
@@ -110,3 +110,35 @@ def test_image_benchmarks_feed_all_views_in_order(tmp_path, name, maker, n_image
     official_px = {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
     expected = None if name == "blink" else official_px
     assert run["pixels"] == expected and {k: req[k] for k in official_px if k in req} == (expected or {})
+
+
+def _write_lines(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_read_predictions_keeps_first_identical_repeat(tmp_path):
+    from gasp_vlm.bench.records import read_predictions
+
+    p = _write_lines(tmp_path / "p.jsonl", [{"sample_id": "a", "raw_output": "A", "prompt": "first"},
+                                            {"sample_id": "b", "raw_output": None},
+                                            {"sample_id": "a", "raw_output": "A", "prompt": "second"},
+                                            {"sample_id": "b", "raw_output": None}])
+    recs, dups = read_predictions(p)
+    assert list(recs) == ["a", "b"] and recs["a"]["prompt"] == "first"
+    assert dups == {"duplicate_ids": 2, "duplicate_lines": 2}
+
+
+def test_read_predictions_lists_first_conflicts(tmp_path):
+    from gasp_vlm.bench.records import DuplicatePredictionsError, read_predictions
+
+    # 7 conflicting ids (a null answer vs a real one conflicts too); only the first 5 are spelled out
+    first = [{"sample_id": str(i), "raw_output": None if i == 0 else "A"} for i in range(8)]
+    again = [{"sample_id": str(i), "raw_output": "B" if i < 7 else "A"} for i in range(8)]
+    p = _write_lines(tmp_path / "p.jsonl", first + again)
+    with pytest.raises(DuplicatePredictionsError) as e:
+        read_predictions(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 7 sample_id(s) appear more than once with different raw_output: "
+                          "'0' (lines 1, 9), '1' (lines 2, 10)")
+    assert "'4' (lines 5, 13) and 2 more;" in msg and "'5'" not in msg and "'7'" not in msg

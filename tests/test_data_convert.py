@@ -10,7 +10,8 @@ from PIL import Image
 from gasp_vlm.data.convert import CONVERTERS, ConvertError
 from gasp_vlm.data.convert.co3d import ndc_to_pixels, pytorch3d_to_opencv, read_float16_png, write_float16_png
 from gasp_vlm.data.convert.common import read_colmap_array, write_colmap_array, write_png16
-from gasp_vlm.data.scene import check_scene, load_scene
+from gasp_vlm.data.scene import load_scene
+from gasp_vlm.data.scene_check import check_scene
 from gasp_vlm.geometry.cameras import project_world
 
 

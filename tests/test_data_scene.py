@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gasp_vlm.data.scene import (FORMAT, Scene, SceneError, SceneWriter, check_dataset, check_scene, format_summary,
-                                 list_scene_dirs, load_scene, write_scene)
+from gasp_vlm.data.scene import FORMAT, Scene, SceneError, SceneWriter, list_scene_dirs, load_scene, write_scene
+from gasp_vlm.data.scene_check import check_dataset, check_scene, format_summary
 from gasp_vlm.data.synth import render_scene
 
 N, H, W = 3, 24, 32
@@ -99,6 +99,13 @@ def _mirror_rotation(p: Path) -> None:  # orthonormal but det -1: not a rotation
     np.save(p / "cam_from_worlds.npy", e)
 
 
+def _truncate(rel: str, keep: float) -> Callable[[Path], None]:
+    def go(p: Path) -> None:
+        data = (p / rel).read_bytes()
+        (p / rel).write_bytes(data[:int(len(data) * keep)])
+    return go
+
+
 def _resize_image(p: Path) -> None:
     Image.new("RGB", (W + 2, H)).save(p / "images" / "000001.png")
 
@@ -151,7 +158,12 @@ BREAKAGES = {
     "scene.json no depth_units": (_meta(depth_units=None), "scene.json", "missing keys ['depth_units']"),
     "scene.json a list": (_write("scene.json", "[1, 2]"), "scene.json", "JSON object"),
     "image unreadable": (_write("images/000000.png", "not a png"), "images/000000.png", "unreadable image"),
+    # the header (and so the size) still reads: only a full decode finds these
+    "image truncated": (_truncate("images/000001.png", 0.5), "images/000001.png", "unreadable image"),
+    "image cut after its header": (_truncate("images/000002.png", 0.1), "images/000002.png", "unreadable image"),
+    "depth truncated": (_truncate("depths/000001.npy", 0.7), "depths/000001.npy", "truncated"),
 }
+SCENE_LEVEL_ONLY = {"all depth invalid"}  # a dataset statistic, not a malformed file
 
 
 @pytest.mark.parametrize("kind", list(BREAKAGES))
@@ -163,6 +175,33 @@ def test_check_catches_each_breakage(scene_copy, kind):
     assert not s.ok
     hits = [m for m in s.problems if m.startswith("scene broken_scene: ") and f": {file}: " in m + ": " and words in m]
     assert hits, f"{kind}: no message naming the scene, {file} and {words!r} in {s.problems}"
+
+
+def _read_everything(path: Path) -> None:
+    sc = load_scene(path)
+    for i in range(sc.num_frames):
+        sc.image(i), sc.depth(i), sc.objects(i)
+
+
+@pytest.mark.parametrize("kind", [k for k in BREAKAGES if k not in SCENE_LEVEL_ONLY])
+def test_the_loader_refuses_what_check_reports(scene_copy, kind):
+    """What tracks, diagnose and training read through (Scene) fails on every breakage `data check`
+    reports, naming the scene folder and the file (not a frame's position in a clip)."""
+    mutate, file, words = BREAKAGES[kind]
+    _read_everything(scene_copy)
+    mutate(scene_copy)
+    with pytest.raises(SceneError) as err:
+        _read_everything(scene_copy)
+    msg = str(err.value)
+    assert f"broken_scene/{file}: " in msg and words in msg, msg
+
+
+def test_the_image_size_is_checked_against_depth_on_load(scene_copy):
+    _resize_image(scene_copy)
+    sc = load_scene(scene_copy)
+    sc.depth(0)  # frame 0 is fine
+    with pytest.raises(SceneError, match=r"broken_scene/depths/000001.npy: shape mismatch: depth \(24, 32\) vs image \(24, 34\)"):
+        sc.depth(1)
 
 
 def test_check_dataset_and_summary(tmp_path, good_scene):
@@ -230,11 +269,11 @@ def test_writer_copies_image_files_and_jpg(tmp_path, rendered):
 
 def test_scene_class_rejects_malformed_scenes(scene_copy):
     _meta(format="other")(scene_copy)
-    with pytest.raises(SceneError, match="scene.json: format"):
+    with pytest.raises(SceneError, match="scene.json: 'format' is 'other'"):
         Scene(scene_copy)
     _meta(format=FORMAT)(scene_copy)
     _edit_npy("intrinsics.npy", lambda k: k[:-1])(scene_copy)
-    with pytest.raises(SceneError, match=r"intrinsics.npy: shape \(2, 3, 3\), expected \(3, 3, 3\)"):
+    with pytest.raises(SceneError, match=r"intrinsics.npy: wrong frame count: shape \(2, 3, 3\), expected \(3, 3, 3\)"):
         Scene(scene_copy)
     with pytest.raises(SceneError, match="not a scene directory"):
         Scene(scene_copy / "nope")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gasp_vlm.bench.records import write_json_atomic
+from gasp_vlm.io import write_json_atomic
 
 EXTRA_ROWS = ("multi_view_reasoning",)  # reported beside the overall (BLINK's headline)
 

@@ -9,11 +9,9 @@ frame indices that produced it (for auditing a run later).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 ANSWER_TYPES = ("mc", "numeric", "text")
 
@@ -113,9 +111,43 @@ def iter_prediction_lines(path: str | Path, *, tolerate_truncated_tail: bool = F
         yield i, rec
 
 
-def read_predictions(path: str | Path, *, tolerate_truncated_tail: bool = False) -> dict[str, dict]:
-    """sample_id -> record (the last line wins when an id repeats)."""
-    return {rec["sample_id"]: rec for _, rec in iter_prediction_lines(path, tolerate_truncated_tail=tolerate_truncated_tail)}
+class DuplicatePredictionsError(PredictionsFileError):
+    """One sample_id has two different raw outputs; scoring either one would silently pick a winner."""
+
+
+MAX_LISTED_DUPLICATES = 5  # ids (with their lines) spelled out in the error message
+
+
+def read_predictions(path: str | Path, *, tolerate_truncated_tail: bool = False
+                             ) -> tuple[dict[str, dict], dict[str, int]]:
+    """sample_id -> record, refusing ids that repeat with a different `raw_output`.
+
+    Repeats with the same `raw_output` (e.g. a log appended to twice) are harmless: the first record is
+    kept and they are only counted. Returns (records, {"duplicate_ids": ids seen more than once,
+    "duplicate_lines": repeated lines dropped}); raises `DuplicatePredictionsError` naming the file,
+    the number of conflicting ids and the first few with their line numbers.
+    """
+    records: dict[str, dict] = {}
+    lines: dict[str, list[int]] = {}
+    conflicting: list[str] = []  # first-seen order, so the message points at the earliest problem
+    for lineno, rec in iter_prediction_lines(path, tolerate_truncated_tail=tolerate_truncated_tail):
+        sid = rec["sample_id"]
+        lines.setdefault(sid, []).append(lineno)
+        if sid not in records:
+            records[sid] = rec
+        elif rec["raw_output"] != records[sid]["raw_output"] and sid not in conflicting:
+            conflicting.append(sid)
+    if conflicting:
+        shown = ", ".join(f"{sid!r} (lines {', '.join(map(str, lines[sid]))})"
+                          for sid in conflicting[:MAX_LISTED_DUPLICATES])
+        extra = len(conflicting) - MAX_LISTED_DUPLICATES
+        more = f" and {extra} more" if extra > 0 else ""
+        raise DuplicatePredictionsError(
+            f"{path}: {len(conflicting)} sample_id(s) appear more than once with different raw_output: "
+            f"{shown}{more}; keep one answer per sample_id")
+    dup_ids = sum(1 for ls in lines.values() if len(ls) > 1)
+    dup_lines = sum(len(ls) - 1 for ls in lines.values())
+    return records, {"duplicate_ids": dup_ids, "duplicate_lines": dup_lines}
 
 
 def repair_truncated_tail(path: str | Path) -> int:
@@ -140,32 +172,3 @@ def repair_truncated_tail(path: str | Path) -> int:
         with path.open("r+b") as f:
             f.truncate(cut)
         return len(tail)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temp file + rename so readers never see a half-written results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

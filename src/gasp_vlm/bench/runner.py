@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from gasp_vlm.bench.media import MediaError, check_media_exists, decode_image, read_video_frames
-from gasp_vlm.bench.records import (Sample, read_predictions, repair_truncated_tail, write_json_atomic,
-                                    write_jsonl_atomic)
+from gasp_vlm.bench.records import Sample, read_predictions, repair_truncated_tail
 from gasp_vlm.bench.registry import Benchmark, get_benchmark, score_samples
+from gasp_vlm.io import write_json_atomic, write_jsonl_atomic
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -121,9 +121,14 @@ def _check_resume(out: Path, config: dict) -> None:
 
 def score_run(bench: Benchmark, samples: Sequence[Sample], predictions_path: Path, out: Path,
               profile: str = "official", extra: dict | None = None) -> dict:
-    """Score a predictions file against samples; write results.json and scored.jsonl atomically."""
-    raw = read_predictions(predictions_path, tolerate_truncated_tail=True)
+    """Score a predictions file against samples; write results.json and scored.jsonl atomically.
+
+    The whole file is read and checked before anything is written, so a bad predictions file leaves OUT
+    untouched. The identical-repeat counts land in results.json (`duplicate_ids`, `duplicate_lines`).
+    """
+    raw, dups = read_predictions(predictions_path, tolerate_truncated_tail=True)
     results, preds = score_samples(bench, samples, raw, profile)
+    results.update(dups)
     if extra:
         results.update(extra)
     write_jsonl_atomic(out / SCORED, (p.to_json() for p in preds))
@@ -169,7 +174,7 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
 
     pred_path = out / PREDICTIONS
     repair_truncated_tail(pred_path)  # a crash may have left half a line
-    done = set(read_predictions(pred_path)) if pred_path.exists() else set()
+    done = set(read_predictions(pred_path)[0]) if pred_path.exists() else set()
     pending = [s for s in samples if s.sample_id not in done]
     check_media_exists(pending)  # fail before any model time is spent
 

@@ -52,7 +52,7 @@ def train_step(model_kind, hidden, layers, vision_depth, frames, frame_size, lor
 
     if threads:
         torch.set_num_threads(threads)
-    from gasp_vlm.train.recipe import benchmark_train_step
+    from gasp_vlm.train.bench_step import benchmark_train_step
 
     cfg = build_bench_config(model_kind, hidden, layers, vision_depth, frames, frame_size, lora_r, head_hidden,
                              head_out, max_anchors, precision, not no_checkpointing, steps + warmup)

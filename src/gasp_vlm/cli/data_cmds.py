@@ -69,7 +69,8 @@ def check(dataset: Path, max_rows: int) -> None:
     Lists scenes, frames, resolution and the valid-depth fraction; every broken scene gets messages
     naming scene, file and problem, and the command exits with status 1.
     """
-    from gasp_vlm.data.scene import SceneError, check_dataset, format_summary
+    from gasp_vlm.data.scene import SceneError
+    from gasp_vlm.data.scene_check import check_dataset, format_summary
 
     try:
         summaries = check_dataset(dataset)

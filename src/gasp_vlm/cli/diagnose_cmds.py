@@ -74,6 +74,43 @@ def make_source(data: str, *, n_needed: int, seed: int, toy_size: int) -> Any:
     return GeometrySequenceSource(root, frames_window=48, grid="coarse", seed=seed)
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that is (or lies under) an existing file, before any work is done."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is an existing file" if p == out_dir else f"lies under {p}, an existing file"
+                raise click.ClickException(f"--out {out_dir}: {where}, not a folder; give a new or existing "
+                                           "folder for the output")
+            return
+
+
+def check_distinct_frames(source: Any, indices: list[int], frames: int) -> None:
+    """Refuse a --frames some requested sequence cannot fill with distinct frames.
+
+    Scene sources (``distinct_frames(index)``) fall back to sampling with replacement when the window
+    around an anchor is short (right for training); a diagnostic would then score repeated frames. The
+    toy source renders every frame it is asked for, so it has no such limit.
+    """
+    if not hasattr(source, "distinct_frames") or not indices:
+        return
+    counts = [int(source.distinct_frames(i)) for i in indices]
+    limit = min(counts)
+    if frames <= limit:
+        return
+    worst = indices[counts.index(limit)]
+    k, anchor = source.locate(worst)
+    name = source.scenes[k].name
+    short = sum(c < frames for c in counts)
+    which = (f" ({short} of the {len(indices)} requested sequences fall short)" if len(indices) > 1 else "")
+    head = (f"--frames {frames}: scene {name} gives at most {limit} distinct frame{'s' if limit != 1 else ''} "
+            f"around anchor {anchor} (window \u00b1{source.radius}){which}")
+    if limit < 2:
+        raise click.ClickException(f"{head}; a diagnosis needs an anchor and a target: choose other sequences "
+                                   "(--start/--stride) or drop that scene from --data")
+    raise click.ClickException(f"{head}; use --frames <= {limit}")
+
+
 @contextlib.contextmanager
 def _clean_errors():
     """User-facing problems -> one-line CLI errors."""
@@ -96,7 +133,9 @@ def _clean_errors():
 @click.option("--data", "-d", default=None, help="Folder of canonical scenes, or 'toy' (built-in, exact GT).")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--modes", "--mode", "modes", default="qk", show_default=True, help=MODES_HELP)
-@click.option("--frames", type=int, default=8, show_default=True, help="Frames per sequence, the anchor included.")
+@click.option("--frames", type=int, default=8, show_default=True,
+              help="Frames per sequence, the anchor included (scene folders: at most the distinct frames of "
+                   "the window around each anchor).")
 @click.option("--sequences", "--max-sequences", "-n", "sequences", type=int, default=200, show_default=True,
               help="Number of held-out sequences.")
 @click.option("--start", type=int, default=0, show_default=True, help="First sequence index (held-out split).")
@@ -127,6 +166,7 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
     Trained: gasp diagnose --checkpoint runs/train --data data/synth --out runs/diag-gasp --modes qk,head
     Compare: gasp diagnose --compare runs/diag/report.json runs/diag-gasp/report.json --out runs/cmp
     """
+    check_out_dir(out_dir)
     if compare or reports:
         if not compare:
             raise click.UsageError(f"unexpected arguments {[str(r) for r in reports]} (use --compare A B ...)")
@@ -181,6 +221,7 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
         indices = [i for i in indices if i < n_avail]
         click.echo(f"note: the data has {n_avail} sequences; diagnosing {len(indices)} "
                    f"(indices {start}..{indices[-1]} step {stride})", err=True)
+    check_distinct_frames(source, indices, frames)
 
     import torch
 

@@ -41,12 +41,21 @@ def _summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _warn_duplicates(results: dict, predictions: Path) -> None:
+    """Identical repeated lines are scored once; say so, since they usually mean a log was appended twice."""
+    n = results.get("duplicate_ids", 0)
+    if n:
+        click.echo(f"warning: {predictions}: {n} sample_id(s) repeated with identical raw_output "
+                   f"({results.get('duplicate_lines', 0)} extra line(s) ignored)", err=True)
+
+
 @main.command("score")
 @click.option("--benchmark", "-b", required=True, help=BENCH_HELP)
 @click.option("--data", "data_root", required=True, type=click.Path(path_type=Path),
               help="Local copy of the benchmark (its root folder, or its question file).")
 @click.option("--predictions", "-p", required=True, type=click.Path(path_type=Path),
-              help='JSONL with lines {"sample_id": ..., "raw_output": ...}.')
+              help='JSONL with lines {"sample_id": ..., "raw_output": ...}; a sample_id may repeat only with '
+                   'the same raw_output (scored once).')
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Writes OUT/results.json.")
 @click.option("--profile", default="official", show_default=True, help="Scoring profile (official, lmms_eval, ...).")
 @click.option("--split", default=None, help="Benchmark split/variant (VSI: test|debiased|pruned; BLINK: val).")
@@ -61,6 +70,7 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
         samples = bench.load(data_root, split=split)
         results = score_run(bench, samples, predictions, out_dir, profile,
                             extra={"predictions": str(predictions)})
+    _warn_duplicates(results, predictions)
     click.echo(_summary(results))
     click.echo(f"wrote {out_dir / 'results.json'}")
 
@@ -126,6 +136,7 @@ def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_n
         results = run_eval(bench, data_root, generator, out_dir, model_name=str(model), profile=profile, split=split,
                            limit=limit, frames=frames, batch_size=batch_size, generation=generation,
                            pixels=pixels, progress=not no_progress)
+    _warn_duplicates(results, out_dir / "predictions.jsonl")
     click.echo(_summary(results))
     click.echo(f"wrote {out_dir / 'predictions.jsonl'}, {out_dir / 'run.json'} and {out_dir / 'results.json'}")
 

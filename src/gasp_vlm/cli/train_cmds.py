@@ -22,21 +22,30 @@ from gasp_vlm.cli import main
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Run directory (checkpoints, logs). Default: the config's output_dir.")
 @click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in the run directory.")
+@click.option("--resume-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue from this checkpoint instead (e.g. an older one when the latest is damaged); "
+                   "the config must match it as for --resume.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_cmd(config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | None, resume: bool,
-              no_progress: bool) -> None:
+              resume_from: Path | None, no_progress: bool) -> None:
     """Train GASP heads + LoRA (or full) on geometry + instruction data."""
+    if resume and resume_from is not None:
+        raise click.UsageError("give --resume or --resume-from, not both")
     from gasp_vlm.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(_find_config(config_path), list(overrides))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    from gasp_vlm.data.scene import SceneError
+    from gasp_vlm.models import ModelLoadError
+    from gasp_vlm.train.checkpoint import CheckpointError
+    from gasp_vlm.train.instructions import InstructionFormatError
     from gasp_vlm.train.recipe import train
 
     try:
-        ckpt = train(cfg, out_dir or Path(cfg.output_dir), resume=resume, progress=not no_progress)
-    except (ConfigError, FileNotFoundError) as e:
+        ckpt = train(cfg, out_dir or Path(cfg.output_dir), resume=resume_from or resume, progress=not no_progress)
+    except (ConfigError, CheckpointError, SceneError, InstructionFormatError, ModelLoadError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"final checkpoint: {ckpt}")
 
@@ -57,7 +66,7 @@ def _find_config(path: Path | None) -> Path | None:
               help="Checkpoint dir, or a run dir (its latest checkpoint). Same as the positional argument.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output HF model directory.")
 @click.option("--dtype", default=None, help="Cast the saved weights (float32 | bfloat16). Default: as trained.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous export in --out (any other folder is refused).")
 def export_cmd(checkpoint: Path | None, checkpoint_opt: Path | None, out_dir: Path, dtype: str | None,
                overwrite: bool) -> None:
     """Drop the heads, merge LoRA, write a plain HF checkpoint (safetensors) of the base architecture."""
@@ -68,6 +77,6 @@ def export_cmd(checkpoint: Path | None, checkpoint_opt: Path | None, out_dir: Pa
 
     try:
         out = export_checkpoint(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # CheckpointError is a ValueError
         raise click.ClickException(str(e)) from None
     click.echo(f"exported {out} (heads dropped, LoRA merged; loads with from_pretrained of the base class)")

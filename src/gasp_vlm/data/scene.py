@@ -1,4 +1,4 @@
-"""The canonical scene format (gasp-scene/1): read, write, validate.
+"""The canonical scene format (gasp-scene/1): reading, with the one validation every command runs.
 
 ```
 <scene>/
@@ -11,6 +11,12 @@
   objects/<stem>.npy    optional int16 (H, W) per-pixel object id (synthetic scenes; -1 = none)
 ```
 A dataset is a folder of scenes (or a single scene folder). Cameras follow geometry/cameras.py.
+
+Every reader here checks what it reads and raises a SceneError naming the file (scene folder + file
+name, never a frame's position in some clip). ``Scene`` checks the per-scene files when opened and
+each frame's files when read, so `data tracks`, `diagnose` and training refuse exactly what
+`data check` (data/scene_check.py, which calls these same readers) reports. ``SceneWriter`` writes
+scenes atomically.
 """
 
 from __future__ import annotations
@@ -19,9 +25,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,69 +39,177 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 class SceneError(ValueError):
-    """A user-facing problem with scene data (message names the scene/file and the problem)."""
+    """A user-facing problem with scene data. ``file`` (relative to the scene folder) and ``problem``
+    are set when the problem is one file's, so a checker can collect them per scene."""
+
+    def __init__(self, message: str, *, file: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.file, self.problem = file, problem
+
+
+def _fail(scene_dir: Path, file: str, problem: str) -> NoReturn:
+    raise SceneError(f"{scene_dir / file}: {problem}", file=file, problem=problem)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading
+# File readers (scene_dir, file relative to it) -> checked content
 # ---------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _read_json(scene_dir: Path, file: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads((scene_dir / file).read_text())
     except FileNotFoundError:
-        raise SceneError(f"{path}: missing file") from None
+        _fail(scene_dir, file, "missing file")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SceneError(f"{path}: not valid JSON ({e})") from None
+        _fail(scene_dir, file, f"not valid JSON ({e})")
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(scene_dir: Path, file: str) -> np.ndarray:
+    path = scene_dir / file
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise SceneError(f"{path}: missing file") from None
+        _fail(scene_dir, file, "missing file")
     except (ValueError, OSError, EOFError) as e:
         try:
             with open(path, "rb") as f:
                 magic = f.read(6)
         except OSError:
             magic = b""
-        why = "not a .npy file" if magic != b"\x93NUMPY" else f"corrupt or pickled data ({e})"
-        raise SceneError(f"{path}: unreadable .npy: {why}") from None
+        why = "not a .npy file" if magic != b"\x93NUMPY" else f"corrupt, truncated or pickled data ({e})"
+        _fail(scene_dir, file, f"unreadable .npy: {why}")
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file."""
+def _open_image(scene_dir: Path, file: str, decode: bool) -> Any:
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        with Image.open(scene_dir / file) as im:
+            return np.asarray(im.convert("RGB")) if decode else (im.size[1], im.size[0])
     except FileNotFoundError:
-        raise SceneError(f"{path}: missing file") from None
-    except OSError as e:
-        raise SceneError(f"{path}: unreadable image ({e})") from None
+        _fail(scene_dir, file, "missing file")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken PNG chunks as SyntaxError
+        _fail(scene_dir, file, f"unreadable image ({e})")
 
 
+def read_image(scene_dir: Path, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of ``images/<name>``, fully decoded (a file truncated after its header fails)."""
+    return _open_image(scene_dir, f"images/{name}", decode=True)
+
+
+def read_image_hw(scene_dir: Path, name: str) -> tuple[int, int]:
+    """(H, W) of ``images/<name>`` from its header (no decoding)."""
+    return _open_image(scene_dir, f"images/{name}", decode=False)
+
+
+def read_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of any image file from its header."""
+    path = Path(path)
+    return _open_image(path.parent, path.name, decode=False)
+
+
+def read_meta(scene_dir: Path) -> dict:
+    meta = _read_json(scene_dir, "scene.json")
+    if not isinstance(meta, dict):
+        _fail(scene_dir, "scene.json", "expected a JSON object")
+    if meta.get("format") != FORMAT:
+        _fail(scene_dir, "scene.json", f"'format' is {meta.get('format')!r}, must be {FORMAT!r}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        _fail(scene_dir, "scene.json", f"missing keys {missing}")
+    return meta
+
+
+def read_image_names(scene_dir: Path) -> list[str]:
+    names = _read_json(scene_dir, "image_names.json")
+    file = "image_names.json"
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        _fail(scene_dir, file, "expected a non-empty list of file names")
+    if len(set(names)) != len(names):
+        _fail(scene_dir, file, "duplicate names")
+    odd = [nm for nm in names if Path(nm).name != nm or Path(nm).suffix.lower() not in IMAGE_EXTS]
+    if odd:  # never follow such a name outside the scene folder
+        _fail(scene_dir, file, f"{odd[0]!r}: names must be plain file names ending in one of {IMAGE_EXTS}")
+    return names
+
+
+def read_cameras(scene_dir: Path, file: str, names: list[str]) -> np.ndarray:
+    """float64 (N, 3, 3) intrinsics.npy or (N, 3, 4) cam_from_worlds.npy, checked: pinhole K with
+    fx, fy > 0 and zero skew; a proper rotation (det +1) in every pose."""
+    n = len(names)
+    shape = (n, 3, 3) if file == "intrinsics.npy" else (n, 3, 4)
+    arr = _read_npy(scene_dir, file)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        _fail(scene_dir, file, f"dtype {arr.dtype} is not numeric")
+    arr = arr.astype(np.float64)
+    if arr.shape != shape:
+        what = "wrong frame count: " if arr.ndim == 3 and arr.shape[1:] == shape[1:] else ""
+        _fail(scene_dir, file, f"{what}shape {arr.shape}, expected {shape} ({n} images in image_names.json)")
+    if not np.isfinite(arr).all():
+        _fail(scene_dir, file, f"non-finite values in frames {np.flatnonzero(~np.isfinite(arr).all(axis=(1, 2)))[:5].tolist()}")
+    if file == "intrinsics.npy":
+        wrong = np.flatnonzero((arr[:, 0, 0] <= 0) | (arr[:, 1, 1] <= 0) | (np.abs(arr[:, 2] - [0, 0, 1]).max(1) > 1e-6)
+                               | (np.abs(arr[:, 1, 0]) > 1e-6) | (np.abs(arr[:, 0, 1]) > 1e-6))
+        if wrong.size:
+            _fail(scene_dir, file, f"frame {int(wrong[0])} ({names[wrong[0]]}): not a pinhole K with fx, fy > 0 "
+                                   "and zero skew")
+    else:
+        wrong = [i for i in range(n) if not is_rotation(arr[i, :, :3], atol=1e-3)]
+        if wrong:
+            _fail(scene_dir, file, f"frame {wrong[0]} ({names[wrong[0]]}): rotation part is not a rotation matrix "
+                                   f"({len(wrong)} of {n} frames)")
+    return arr
+
+
+def depth_values_problem(d: np.ndarray) -> str | None:
+    """The format has one invalid marker (0): NaN/inf/negative values are errors, not 'invalid'."""
+    finite = np.isfinite(d)
+    if not finite.all():
+        return f"{int((~finite).sum())} NaN/inf depth values (use 0 for invalid)"
+    if (d < 0).any():
+        return f"{int((d < 0).sum())} negative depth values (use 0 for invalid)"
+    return None
+
+
+def read_depth(scene_dir: Path, name: str, image_hw: tuple[int, int] | None) -> np.ndarray:
+    """float32 (H, W) z-depth of image ``name``, checked against its image's (H, W) when given."""
+    file = f"depths/{Path(name).stem}.npy"
+    d = _read_npy(scene_dir, file)
+    if d.ndim != 2 or d.dtype != np.float32:
+        _fail(scene_dir, file, f"expected a float32 (H, W) array, got {d.dtype} with shape {d.shape}")
+    if image_hw is not None and d.shape != tuple(image_hw):
+        _fail(scene_dir, file, f"shape mismatch: depth {d.shape} vs image {tuple(image_hw)} (H, W)")
+    problem = depth_values_problem(d)
+    if problem:
+        _fail(scene_dir, file, problem)
+    return d
+
+
+def read_objects(scene_dir: Path, name: str, hw: tuple[int, int]) -> np.ndarray:
+    """int16 (H, W) object ids of image ``name`` (-1 = none); ``hw`` is its frame's (H, W)."""
+    file = f"objects/{Path(name).stem}.npy"
+    o = _read_npy(scene_dir, file)
+    if o.shape != tuple(hw):
+        _fail(scene_dir, file, f"shape mismatch: objects {o.shape} vs frame {tuple(hw)} (H, W)")
+    if o.dtype != np.int16:
+        _fail(scene_dir, file, f"dtype {o.dtype}, expected int16 object ids")
+    if o.size and o.min() < -1:
+        _fail(scene_dir, file, "object ids below -1 (-1 = no object)")
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# A scene
+# ---------------------------------------------------------------------------------------------
 class Scene:
-    """One scene in the canonical format. Cameras load eagerly (small); images/depths lazily per frame."""
+    """One scene in the canonical format. Metadata and cameras load (and are checked) eagerly; images,
+    depths and object maps lazily per frame, checked as they are read."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise SceneError(f"{self.path}: not a scene directory")
-        self.meta: dict = _read_json(self.path / "scene.json")
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
-            raise SceneError(f"{self.path / 'scene.json'}: format is not {FORMAT!r}")
-        names = _read_json(self.path / "image_names.json")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
-            raise SceneError(f"{self.path / 'image_names.json'}: expected a non-empty list of file names")
-        self.image_names: list[str] = names
-        self.intrinsics = _read_npy(self.path / "intrinsics.npy").astype(np.float64)  # (N, 3, 3)
-        self.cam_from_worlds = _read_npy(self.path / "cam_from_worlds.npy").astype(np.float64)  # (N, 3, 4)
-        n = len(names)
-        for fname, arr, shape in (("intrinsics.npy", self.intrinsics, (n, 3, 3)),
-                                  ("cam_from_worlds.npy", self.cam_from_worlds, (n, 3, 4))):
-            if arr.shape != shape:
-                raise SceneError(f"{self.path / fname}: shape {arr.shape}, expected {shape} "
-                                 f"({n} frames in image_names.json)")
+        self.meta: dict = read_meta(self.path)
+        self.image_names: list[str] = read_image_names(self.path)
+        self.intrinsics = read_cameras(self.path, "intrinsics.npy", self.image_names)  # (N, 3, 3)
+        self.cam_from_worlds = read_cameras(self.path, "cam_from_worlds.npy", self.image_names)  # (N, 3, 4)
 
     @property
     def name(self) -> str:
@@ -126,19 +239,17 @@ class Scene:
 
     def image(self, i: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of frame i."""
-        return read_rgb(self.image_path(i))
+        return read_image(self.path, self.image_names[i])
 
     def depth(self, i: int) -> np.ndarray:
-        """(H, W) float32 z-depth of frame i (0 = invalid)."""
-        d = _read_npy(self.depth_path(i))
-        if d.ndim != 2:
-            raise SceneError(f"{self.depth_path(i)}: depth has shape {d.shape}, expected (H, W)")
-        return d.astype(np.float32, copy=False)
+        """(H, W) float32 z-depth of frame i (0 = invalid), checked against the image's size."""
+        return read_depth(self.path, self.image_names[i], self.image_hw(i))
 
     def objects(self, i: int) -> np.ndarray | None:
         """(H, W) int16 per-pixel object id of frame i, or None when the scene has no object maps."""
-        p = self.objects_path(i)
-        return _read_npy(p) if p.exists() else None
+        if not self.has_objects:
+            return None
+        return read_objects(self.path, self.image_names[i], self.image_hw(i))
 
     @property
     def has_objects(self) -> bool:
@@ -146,22 +257,11 @@ class Scene:
 
     def image_hw(self, i: int = 0) -> tuple[int, int]:
         """(H, W) of frame i from the image header (no decoding)."""
-        return self.read_hw(self.image_path(i))
-
-    @staticmethod
-    def read_hw(path: Path) -> tuple[int, int]:
-        """(H, W) of an image file from its header."""
-        try:
-            with Image.open(path) as im:
-                return im.size[1], im.size[0]
-        except FileNotFoundError:
-            raise SceneError(f"{path}: missing file") from None
-        except OSError as e:
-            raise SceneError(f"{path}: unreadable image ({e})") from None
+        return read_image_hw(self.path, self.image_names[i])
 
 
 def load_scene(path: str | os.PathLike) -> Scene:
-    """Open a canonical scene folder (raises SceneError on a malformed scene.json/cameras)."""
+    """Open a canonical scene folder (raises SceneError naming the file on any malformed part)."""
     return Scene(path)
 
 
@@ -174,7 +274,7 @@ def list_scene_dirs(root: str | os.PathLike) -> list[Path]:
     (e.g. unfinished temporary scenes) are skipped."""
     root = Path(root)
     if not root.is_dir():
-        raise SceneError(f"{root}: not a directory")
+        raise SceneError(f"{root}: not a directory" if root.exists() else f"{root}: no such directory")
     if is_scene_dir(root):
         return [root]
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -225,9 +325,9 @@ class SceneWriter:
         depth = np.asarray(depth)
         if depth.ndim != 2:
             raise SceneError(f"{name}: depth must be (H, W), got shape {depth.shape}")
-        if not np.isfinite(depth).all() or (depth < 0).any():
-            # The format has one invalid marker; converters must map NaN/inf/negative to 0 themselves.
-            raise SceneError(f"{name}: depth has NaN/inf or negative values (write 0 for invalid depth)")
+        problem = depth_values_problem(depth)
+        if problem:  # converters must map NaN/inf/negative to 0 themselves
+            raise SceneError(f"{name}: {problem}")
         if isinstance(image, np.ndarray):
             if image.ndim == 2:  # grey -> RGB, the format's only colour layout
                 image = np.repeat(image[..., None], 3, axis=-1)
@@ -237,7 +337,7 @@ class SceneWriter:
                 raise SceneError(f"{name}: image shape {image.shape} does not match depth {depth.shape} "
                                  "(want (H, W, 3))")
         else:
-            hw = Scene.read_hw(Path(image))
+            hw = read_hw(image)
             if hw != depth.shape:
                 raise SceneError(f"{image}: image size (H, W) {hw} does not match depth {depth.shape}")
         if objects is not None and np.shape(objects) != depth.shape:
@@ -313,196 +413,3 @@ def write_scene(path: str | os.PathLike, images: Sequence[np.ndarray], depths: S
             w.add_frame(name, images[i], depths[i], intrinsics[i], cam_from_worlds[i],
                         None if objects is None else objects[i])
     return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class SceneSummary:
-    name: str
-    frames: int = 0
-    resolutions: set = field(default_factory=set)  # {(H, W)}
-    valid_depth_fraction: float = 0.0
-    depth_range: tuple[float, float] = (0.0, 0.0)
-    valid_pixels: int = 0
-    total_pixels: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def check_scene(path: str | os.PathLike, *, max_problems: int = 20) -> SceneSummary:
-    """Validate one scene; every problem is a message naming scene, file and problem."""
-    path = Path(path)
-    s = SceneSummary(path.name)
-
-    def bad(file: str, problem: str) -> None:
-        s.problems.append(f"scene {path.name}: {file}: {problem}")
-
-    meta_p = path / "scene.json"
-    if not meta_p.is_file():
-        bad("scene.json", "missing file")
-    else:
-        try:
-            meta = _read_json(meta_p)
-            if not isinstance(meta, dict):
-                bad("scene.json", "expected a JSON object")
-            elif meta.get("format") != FORMAT:
-                bad("scene.json", f"'format' is {meta.get('format')!r}, must be {FORMAT!r}")
-            else:
-                missing = [k for k in REQUIRED_META if k not in meta]
-                if missing:
-                    bad("scene.json", f"missing keys {missing}")
-        except SceneError as e:
-            bad("scene.json", str(e).split(": ", 1)[-1])
-    try:
-        names = _read_json(path / "image_names.json")
-    except SceneError as e:
-        bad("image_names.json", str(e).split(": ", 1)[-1])
-        return s
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        bad("image_names.json", "expected a non-empty list of file names")
-        return s
-    if len(set(names)) != len(names):
-        bad("image_names.json", "duplicate names")
-    odd = [nm for nm in names if Path(nm).name != nm or Path(nm).suffix.lower() not in IMAGE_EXTS]
-    if odd:
-        bad("image_names.json", f"{odd[0]!r}: names must be plain file names ending in one of {IMAGE_EXTS}")
-    odd_set = set(odd)
-    n = len(names)
-    s.frames = n
-    for fname, shape in (("intrinsics.npy", (n, 3, 3)), ("cam_from_worlds.npy", (n, 3, 4))):
-        try:
-            arr = _read_npy(path / fname)
-        except SceneError as e:
-            bad(fname, str(e).split(": ", 1)[-1])
-            continue
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            bad(fname, f"dtype {arr.dtype} is not numeric")
-            continue
-        arr = arr.astype(np.float64)
-        if arr.shape != shape:
-            what = "wrong frame count: " if arr.ndim == 3 and arr.shape[1:] == shape[1:] else ""
-            bad(fname, f"{what}shape {arr.shape}, expected {shape} ({n} images in image_names.json)")
-            continue
-        if not np.isfinite(arr).all():
-            bad(fname, f"non-finite values in frames {np.flatnonzero(~np.isfinite(arr).all(axis=(1, 2)))[:5].tolist()}")
-            continue
-        if fname == "intrinsics.npy":
-            wrong = np.flatnonzero((arr[:, 0, 0] <= 0) | (arr[:, 1, 1] <= 0) | (np.abs(arr[:, 2] - [0, 0, 1]).max(1) > 1e-6)
-                                   | (np.abs(arr[:, 1, 0]) > 1e-6) | (np.abs(arr[:, 0, 1]) > 1e-6))
-            if wrong.size:
-                bad(fname, f"frame {int(wrong[0])} ({names[wrong[0]]}): not a pinhole K with fx, fy > 0 and zero skew")
-        else:
-            wrong = [i for i in range(n) if not is_rotation(arr[i, :, :3], atol=1e-3)]
-            if wrong:
-                bad(fname, f"frame {wrong[0]} ({names[wrong[0]]}): rotation part is not a rotation matrix "
-                           f"({len(wrong)} of {n} frames)")
-    valid = total = 0
-    dmin, dmax = np.inf, 0.0
-    has_objects = (path / "objects").is_dir()  # optional, but then one map per frame
-    for i, name in enumerate(names):
-        if len(s.problems) >= max_problems:
-            s.problems.append(f"scene {path.name}: ... (stopped after {max_problems} problems)")
-            break
-        if name in odd_set:  # never follow such a name outside the scene folder
-            continue
-        img_p = path / "images" / name
-        try:
-            with Image.open(img_p) as im:
-                hw = (im.size[1], im.size[0])
-        except FileNotFoundError:
-            bad(f"images/{name}", "missing file")
-            hw = None
-        except OSError as e:
-            bad(f"images/{name}", f"unreadable image ({e})")
-            hw = None
-        stem = Path(name).stem
-        dfile = f"depths/{stem}.npy"
-        try:
-            d = _read_npy(path / dfile)
-        except SceneError as e:
-            bad(dfile, str(e).split(": ", 1)[-1])
-            continue
-        if d.ndim != 2 or d.dtype != np.float32:
-            bad(dfile, f"expected a float32 (H, W) array, got {d.dtype} with shape {d.shape}")
-            continue
-        if hw is not None and d.shape != hw:
-            bad(dfile, f"shape mismatch: depth {d.shape} vs image {hw} (H, W)")
-        finite = np.isfinite(d)
-        if not finite.all():
-            bad(dfile, f"{int((~finite).sum())} NaN/inf depth values (use 0 for invalid)")
-            continue
-        if (d < 0).any():
-            bad(dfile, f"{int((d < 0).sum())} negative depth values (use 0 for invalid)")
-        if has_objects:
-            ofile = f"objects/{stem}.npy"
-            try:
-                o = _read_npy(path / ofile)
-                if o.shape != d.shape:
-                    bad(ofile, f"shape mismatch: objects {o.shape} vs depth {d.shape}")
-                elif o.dtype != np.int16:
-                    bad(ofile, f"dtype {o.dtype}, expected int16 object ids")
-                elif o.size and o.min() < -1:
-                    bad(ofile, "object ids below -1 (-1 = no object)")
-            except SceneError as e:
-                bad(ofile, str(e).split(": ", 1)[-1])
-        s.resolutions.add(d.shape)
-        pos = d > 0
-        valid += int(pos.sum())
-        total += d.size
-        if pos.any():
-            dmin, dmax = min(dmin, float(d[pos].min())), max(dmax, float(d[pos].max()))
-    s.valid_pixels, s.total_pixels = valid, total
-    s.valid_depth_fraction = valid / total if total else 0.0
-    s.depth_range = (float(dmin) if np.isfinite(dmin) else 0.0, dmax)
-    if total and valid == 0:
-        bad("depths/", "no valid depth in any frame")
-    return s
-
-
-def check_dataset(root: str | os.PathLike) -> list[SceneSummary]:
-    """Validate every scene of a dataset folder (or one scene folder)."""
-    dirs = list_scene_dirs(root)
-    if not dirs:
-        raise SceneError(f"{root}: no scene folders found")
-    return [check_scene(d) for d in dirs]
-
-
-def format_summary(summaries: Iterable[SceneSummary], max_rows: int = 50) -> str:
-    """Human summary: a table (scene, frames, resolution, valid-depth %, status; broken scenes always
-    listed, at most ``max_rows`` ok ones), the totals over ok scenes, then every problem."""
-    summaries = list(summaries)
-    good = [s for s in summaries if s.ok]
-
-    def res_str(resolutions: set) -> str:
-        res = sorted(resolutions)
-        return ", ".join(f"{w}x{h}" for h, w in res[:3]) + (" ..." if len(res) > 3 else "") or "-"
-
-    rows = [s for s in summaries if not s.ok] + good[:max_rows]
-    rows.sort(key=lambda s: s.name)
-    width = max([len("scene")] + [len(s.name) for s in rows])
-    lines = [f"{'scene':<{width}}  {'frames':>6}  {'resolution (WxH)':<16}  {'valid depth':>11}  status"]
-    for s in rows:
-        status = "ok" if s.ok else f"BROKEN ({len(s.problems)} problem{'s' * (len(s.problems) != 1)})"
-        lines.append(f"{s.name:<{width}}  {s.frames:>6}  {res_str(s.resolutions):<16}  "
-                     f"{100 * s.valid_depth_fraction:>10.1f}%  {status}")
-    if len(good) > max_rows:
-        lines.append(f"... {len(good) - max_rows} more ok scenes")
-    frames = sum(s.frames for s in good)
-    total_px = sum(s.total_pixels for s in good)
-    frac = sum(s.valid_pixels for s in good) / total_px if total_px else 0.0
-    lines += ["", f"scenes: {len(summaries)} ({len(good)} ok, {len(summaries) - len(good)} broken)",
-              f"frames: {frames} (ok scenes)",
-              f"resolution (WxH): {res_str(set().union(*[s.resolutions for s in good])) if good else '-'}",
-              f"valid depth: {100 * frac:.1f}% of pixels"]
-    if good:
-        lo = min(s.depth_range[0] for s in good)
-        hi = max(s.depth_range[1] for s in good)
-        lines.append(f"depth range: {lo:.3g} .. {hi:.3g}")
-    for s in summaries:
-        lines.extend(s.problems)
-    return "\n".join(lines)

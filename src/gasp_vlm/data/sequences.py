@@ -102,6 +102,14 @@ class GeometrySequenceSource:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)
         return k, int(index - self._starts[k]) * self.anchor_stride
 
+    def distinct_frames(self, index: int) -> int:
+        """How many distinct frames sample ``index`` can hold: its anchor plus every other frame of the
+        window |i - anchor| <= radius inside the scene. A ``num_frames`` above this repeats frames
+        (``window_frames`` then samples with replacement, fine for training, wrong for a diagnostic)."""
+        k, anchor = self.locate(index)
+        lo, hi = max(0, anchor - self.radius), min(self.scenes[k].num_frames - 1, anchor + self.radius)
+        return hi - lo + 1
+
     def frame_ids(self, index: int, num_frames: int) -> tuple[int, list[int], int]:
         """(scene position, frame ids in sample order, anchor position) of sample ``index``."""
         if num_frames < 1:

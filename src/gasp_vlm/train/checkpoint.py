@@ -7,14 +7,21 @@ Layout of one checkpoint directory (``<output_dir>/checkpoints/step-000123``)::
     adapter/                  finetune=lora: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
     llm.safetensors           finetune=full: every trainable LLM weight, under the HF model's parameter names
     heads.safetensors         the correspondence heads (absent for the LM-only control)
-    trainer_state.pt          optimizer + LR scheduler state, step (data state = step, see stream.py)
-    rng/rank{r}.pt            python / numpy / torch (+CUDA) RNG state of each rank
+    trainer_state.{json,safetensors}  optimizer + LR scheduler state, step (data state = step, see stream.py)
+    rng/rank{r}.{json,safetensors}    python / numpy / torch (+CUDA) RNG state of each rank
     engine/                   DeepSpeed only: accelerate.save_state (partitioned optimizer state)
+
+No pickle: trainer and RNG state are safetensors + JSON (gasp_vlm/io.py), so loading a checkpoint from
+a shared run folder cannot run code (``trainer_state.pt`` of older checkpoints is read with
+``torch.load(weights_only=True)``).
 
 A checkpoint is written into ``.tmp-<name>`` next to its final place and renamed when complete, so a
 crash never leaves a half-written checkpoint under the final name; ``<output_dir>/latest`` (written
-by rename too) names the newest one. Only directories with ``gasp_checkpoint.json`` count as
-checkpoints; leftover ``.tmp-*`` directories of a crashed run are ignored and overwritten.
+by rename too) names the newest one *relative to the run folder*, so a copied run resumes from its own
+checkpoints, and a pointer outside the run is refused. Only directories with ``gasp_checkpoint.json``
+count as checkpoints; leftover ``.tmp-*`` directories of a crashed run are ignored and overwritten.
+Every file is checked before use (``verify_checkpoint``): a truncated or damaged one is named, with
+the newest intact older checkpoint to fall back to.
 """
 
 from __future__ import annotations
@@ -31,8 +38,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gasp_vlm.io import StateFileError, atomic_write_text, check_safetensors, load_tree, save_tree, tree_files
+
 FORMAT = "gasp-checkpoint/1"
 META = "gasp_checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (the message names the file and what to do)."""
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,7 +110,7 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}.pt")
+    save_tree(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}")
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # partitioned optimizer state: every rank writes its shard
         accelerator.save_state(str(tmp / "engine"))
@@ -112,17 +125,16 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
         state = {"step": int(step), "scheduler": scheduler.state_dict()}
         if not deepspeed:
             state["optimizer"] = optimizer.state_dict()
-        torch.save(state, tmp / "trainer_state.pt")
+        save_tree(state, tmp / "trainer_state")
         (tmp / META).write_text(json.dumps(checkpoint_meta(cfg, adapter, gm.heads, step), indent=2))
         if ckpt_dir.exists():  # re-saving the same step: swap the old one out first
             old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
             os.replace(ckpt_dir, old)
             shutil.rmtree(old)
         os.replace(tmp, ckpt_dir)
-        if output_dir is not None:
-            latest_tmp = Path(output_dir) / ".latest.tmp"
-            latest_tmp.write_text(str(ckpt_dir.resolve()))
-            os.replace(latest_tmp, Path(output_dir) / "latest")
+        if output_dir is not None:  # relative: a copied run folder points at its own checkpoints
+            atomic_write_text(Path(output_dir) / "latest",
+                              os.path.relpath(ckpt_dir.resolve(), Path(output_dir).resolve()) + "\n")
     accelerator.wait_for_everyone()
     return ckpt_dir
 
@@ -146,13 +158,20 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint ``<output_dir>/latest`` names, else the newest complete one, else None."""
+    """The checkpoint ``<output_dir>/latest`` names, else the newest complete one, else None.
+
+    The pointer is relative to ``output_dir`` (older runs wrote absolute paths); one that leads outside
+    the run folder -- a run copied from elsewhere -- is refused rather than followed."""
     out = Path(output_dir)
     pointer = out / "latest"
     if pointer.is_file():
         q = Path(pointer.read_text().strip())
-        if (q / META).is_file():
-            return q
+        target = (q if q.is_absolute() else out / q).resolve()
+        if not target.is_relative_to(out.resolve()):
+            raise CheckpointError(f"{pointer}: names {q}, outside the run folder {out} (a copied run?); delete "
+                                  f"{pointer} to use the newest checkpoint under {out / 'checkpoints'}")
+        if (target / META).is_file():
+            return out / target.relative_to(out.resolve())
     found = list_checkpoints(out / "checkpoints")
     return found[-1] if found else None
 
@@ -168,11 +187,77 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: not a gasp checkpoint (no {META}), and no checkpoint found under it")
 
 
+def _fallback_hint(ckpt_dir: Path, trainer_state: bool = True) -> str:
+    prev = previous_intact_checkpoint(ckpt_dir, trainer_state=trainer_state)
+    if prev is None:
+        return "; no older intact checkpoint is left in that run"
+    return (f"; the previous checkpoint {prev} is intact: continue from it with `gasp train ... --resume-from "
+            f"{prev}` or export it with `gasp export {prev}`")
+
+
+def _checkpoint_files(ckpt_dir: Path, meta: dict) -> list[Path]:
+    """The safetensors files a checkpoint's meta says it holds (weights, then trainer state)."""
+    files = [ckpt_dir / "adapter" / "adapter_model.safetensors"] if meta.get("finetune") == "lora" \
+        else [ckpt_dir / "llm.safetensors"]
+    if meta.get("heads") is not None:
+        files.append(ckpt_dir / "heads.safetensors")
+    return files
+
+
+def _check_json(path: Path) -> None:
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateFileError(f"{path}: truncated or damaged JSON ({e})") from None
+
+
+def _problem(ckpt_dir: Path, trainer_state: bool) -> str | None:
+    """The first missing/truncated/damaged file of a checkpoint (headers and sizes only, no weights read);
+    ``trainer_state=False`` checks only what a reload for inference reads (export, diagnose, eval)."""
+    try:
+        meta = read_meta(ckpt_dir)
+        for f in _checkpoint_files(ckpt_dir, meta):
+            check_safetensors(f)
+        if meta.get("finetune") == "lora":
+            _check_json(ckpt_dir / "adapter" / "adapter_config.json")
+        if trainer_state and not (ckpt_dir / "trainer_state.pt").is_file():  # older: read with weights_only
+            js, st = tree_files(ckpt_dir / "trainer_state")
+            check_safetensors(st)
+            _check_json(js)
+    except (CheckpointError, StateFileError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def previous_intact_checkpoint(ckpt_dir: str | Path, trainer_state: bool = True) -> Path | None:
+    """The newest checkpoint of the same run older than ``ckpt_dir`` whose files all check out."""
+    ckpt_dir = Path(ckpt_dir)
+    older = [p for p in list_checkpoints(ckpt_dir.parent) if p.name < ckpt_dir.name]
+    return next((p for p in reversed(older) if _problem(p, trainer_state) is None), None)
+
+
+def verify_checkpoint(ckpt_dir: str | Path, *, trainer_state: bool = True) -> Path:
+    """Raise CheckpointError naming the first missing, truncated or damaged file of a checkpoint (and
+    the newest intact older one to use instead); return the checkpoint dir when every file checks out.
+    ``trainer_state=False``: only the files a reload for inference needs."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    problem = _problem(ckpt_dir, trainer_state)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {problem}{_fallback_hint(ckpt_dir, trainer_state)}")
+    return ckpt_dir
+
+
 def read_meta(ckpt_dir: str | Path) -> dict:
     p = resolve_checkpoint(ckpt_dir)
-    meta = json.loads((p / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p / META}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    try:
+        meta = json.loads((p / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p / META}: truncated or damaged ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{p / META}: unsupported format {got!r} (expected {FORMAT})")
     return meta
 
 
@@ -184,7 +269,7 @@ def load_trainable_weights(ckpt_dir: Path, gm) -> None:
         state = load_file(str(ckpt_dir / "adapter" / "adapter_model.safetensors"))
         res = set_peft_model_state_dict(gm.backbone, state)
         if getattr(res, "unexpected_keys", None):
-            raise ValueError(f"{ckpt_dir}: adapter keys do not fit the model: {res.unexpected_keys[:3]}")
+            raise CheckpointError(f"{ckpt_dir}: adapter keys do not fit the model: {res.unexpected_keys[:3]}")
     else:
         _load_llm(ckpt_dir, gm.adapter.model)
     if gm.heads is not None:
@@ -195,23 +280,45 @@ def _load_llm(ckpt_dir: Path, hf_model: torch.nn.Module) -> None:
     state = load_file(str(ckpt_dir / "llm.safetensors"))
     res = hf_model.load_state_dict(state, strict=False)
     if res.unexpected_keys:
-        raise ValueError(f"{ckpt_dir / 'llm.safetensors'}: keys not in the model, e.g. {res.unexpected_keys[:3]}")
+        raise CheckpointError(f"{ckpt_dir / 'llm.safetensors'}: keys not in the model, e.g. {res.unexpected_keys[:3]}")
+
+
+def _read_state(ckpt_dir: Path, name: str, required: bool = True) -> dict | None:
+    """State tree ``name`` of a checkpoint (safetensors + JSON); older checkpoints' ``.pt`` via
+    weights_only, which runs no code. ``required=False``: None when absent."""
+    stem = ckpt_dir / name
+    legacy = stem.with_name(stem.name + ".pt")
+    if legacy.is_file() and not tree_files(stem)[0].is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- truncated, or holds types weights_only refuses
+            if required:
+                raise CheckpointError(f"{legacy}: unreadable without unpickling code ({type(e).__name__}: {e})"
+                                      f"{_fallback_hint(ckpt_dir)}") from None
+            warnings.warn(f"{legacy}: not restored ({type(e).__name__}); RNG streams restart", stacklevel=2)
+            return None
+    if not required and not tree_files(stem)[0].is_file():
+        return None
+    try:
+        return load_tree(stem)
+    except StateFileError as e:
+        raise CheckpointError(f"{e}{_fallback_hint(ckpt_dir)}") from None
 
 
 def restore_training_state(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler) -> int:
     """Resume: weights, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    ckpt_dir = verify_checkpoint(ckpt_dir)
     gm = accelerator.unwrap_model(model)
     load_trainable_weights(ckpt_dir, gm)
-    state = torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = _read_state(ckpt_dir, "trainer_state")
     if (ckpt_dir / "engine").is_dir():
         accelerator.load_state(str(ckpt_dir / "engine"))
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = ckpt_dir / "rng" / f"rank{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    rng = _read_state(ckpt_dir, f"rng/rank{accelerator.process_index}", required=False)
+    if rng is not None:
+        set_rng_state(rng)
     return int(state["step"])
 
 
@@ -227,7 +334,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", me
     from gasp_vlm.method.heads import CorrespondenceHeads
     from gasp_vlm.models import load_adapter
 
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    ckpt_dir = verify_checkpoint(ckpt_dir, trainer_state=False)
     meta = read_meta(ckpt_dir)
     m = meta["model"]
     adapter = load_adapter(m["name"], dtype=dtype or m["dtype"], device=device,

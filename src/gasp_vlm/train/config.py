@@ -115,7 +115,9 @@ class TrainConfig:
     def finetune(self) -> str:
         return "lora" if self.lora.enabled else "full"
 
-    def validate(self, where: str = "<config>") -> "TrainConfig":
+    def validate(self, where: str = "<config>", origins: dict[str, str] | None = None) -> "TrainConfig":
+        """Range checks; an error names the key and where it was set (``origins``: key -> "--set ...",
+        else ``where``, the config file)."""
         checks = [
             (self.lora.r > 0, "lora.r", "must be > 0"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
@@ -125,8 +127,8 @@ class TrainConfig:
             (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
             (len(self.optim.betas) == 2, "optim.betas", "needs two values"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 | bfloat16"),
-            (self.gasp.lambda_corr >= 0 and self.gasp.lambda_depth >= 0, "gasp.lambda_corr",
-             "loss weights must be >= 0"),
+            (self.gasp.lambda_corr >= 0, "gasp.lambda_corr", "loss weights must be >= 0"),
+            (self.gasp.lambda_depth >= 0, "gasp.lambda_depth", "loss weights must be >= 0"),
             (self.gasp.tau > 0, "gasp.tau", "must be > 0"),
             (self.gasp.head_init in ("svd", "random"), "gasp.head_init", "must be svd | random"),
             (len(self.data.frame_hw) == 2, "data.frame_hw", "needs [height, width]"),
@@ -150,7 +152,7 @@ class TrainConfig:
         ]
         for ok, key, msg in checks:
             if not ok:
-                raise ConfigError(f"{where}: config key {key!r}: {msg}")
+                raise ConfigError(f"{(origins or {}).get(key, where)}: config key {key!r}: {msg}")
         return self
 
     def to_dict(self) -> dict:
@@ -164,8 +166,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against annotation ``tp`` (int -> float allowed); nested dataclasses recurse."""
+def _coerce(value: Any, tp: Any, key: str, where: str, origins: dict[str, str]) -> Any:
+    """Check ``value`` against annotation ``tp`` (int -> float allowed); nested dataclasses recurse.
+    ``origins`` maps keys set by ``--set`` to that option, so an error names what the user typed."""
+    where = origins.get(key, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -175,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                     return None
                 continue
             try:
-                return _coerce(value, arm, key, where)
+                return _coerce(value, arm, key, where, origins)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r}")
@@ -184,12 +188,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key {key!r} is a section; expected a mapping, got {value!r}")
-        return _from_dict(tp, value, where, prefix=f"{key}.")
+        return _from_dict(tp, value, where, prefix=f"{key}.", origins=origins)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: key {key!r} expects a list, got {value!r}")
         (arm,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, arm, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return [_coerce(v, arm, f"{key}[{i}]", where, origins) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key {key!r} expects a mapping, got {value!r}")
@@ -205,14 +209,15 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+def _from_dict(cls: type, data: dict, where: str, prefix: str = "", origins: dict[str, str] | None = None) -> Any:
+    origins = origins or {}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {prefix + unknown[0]!r} (section {prefix.rstrip('.') or 'top'} "
+        raise ConfigError(f"{origins.get(prefix + unknown[0], where)}: unknown key {prefix + unknown[0]!r} (section {prefix.rstrip('.') or 'top'} "
                           f"accepts: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k, where) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], prefix + k, where, origins) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -259,10 +264,12 @@ def _fix_yaml_floats(node: Any) -> Any:
 
 def config_from_dict(data: dict, overrides: list[str] | None = None, where: str = "<config>") -> TrainConfig:
     data = _fix_yaml_floats(dict(data or {}))
+    origins: dict[str, str] = {}  # dotted key -> the --set option that gave it
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value, f"--set {item}")
-    return _from_dict(TrainConfig, data, where).validate(where)
+        origins[key] = f"--set {item}"
+    return _from_dict(TrainConfig, data, where, origins=origins).validate(where, origins)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -20,6 +20,7 @@ import torch
 from gasp_vlm.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 PEFT_MARKERS = ("lora_", "base_layer", "modules_to_save")
+EXPORT_META = "gasp_export.json"  # marks a folder as written here (the only kind --overwrite replaces)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -32,6 +33,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if out_dir.exists() and not (out_dir / EXPORT_META).is_file():
+        # --overwrite deletes the folder: only ever one this function wrote
+        raise FileExistsError(f"{out_dir} exists and is not a previous gasp export (no {EXPORT_META}); refusing to "
+                              "replace it -- choose another --out or remove it yourself")
     adapter, heads, meta = load_checkpoint(ckpt, device="cpu", merge=True, dtype=dtype)
     del heads  # training-only: the exported model has no head parameters
     leftovers = [n for n, _ in adapter.model.named_parameters() if any(m in n for m in PEFT_MARKERS)]
@@ -43,12 +48,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    adapter.save_pretrained(tmp)
-    (tmp / "gasp_export.json").write_text(json.dumps({
-        "source_checkpoint": str(ckpt.resolve()), "step": meta["step"], "family": adapter.family,
-        "base_model": meta["model"]["name"], "finetune": meta["finetune"],
-        "heads_dropped": meta.get("heads") is not None,
-        "num_parameters": sum(p.numel() for p in adapter.model.parameters())}, indent=2))
+    try:
+        adapter.save_pretrained(tmp)
+        (tmp / EXPORT_META).write_text(json.dumps({
+            "source_checkpoint": str(ckpt.resolve()), "step": meta["step"], "family": adapter.family,
+            "base_model": meta["model"]["name"], "finetune": meta["finetune"],
+            "heads_dropped": meta.get("heads") is not None,
+            "num_parameters": sum(p.numel() for p in adapter.model.parameters())}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial export left behind
+        raise
     if out_dir.exists():
         old = out_dir.parent / f".old-{out_dir.name}"
         os.replace(out_dir, old)

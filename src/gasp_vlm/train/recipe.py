@@ -44,19 +44,13 @@ import torch
 
 from gasp_vlm.method.gasp import GaspModel, build_heads
 from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
-                                       restore_training_state, save_checkpoint)
+                                       restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
+from gasp_vlm.train.resume import check_resume_config
 from gasp_vlm.train.stream import StepBatches, prepare_step
 
-__all__ = ["GaspRecipe", "train", "load_checkpoint", "load_model_adapter", "lr_lambda", "benchmark_train_step",
-           "RESUME_MUST_MATCH"]
-
-# Config sections a resumed run must share with its checkpoint (others, e.g. optim.max_steps, may change),
-# and the keys inside them that may still differ (they change no result).
-RESUME_MUST_MATCH = ("model", "lora", "gasp", "data")
-RESUME_MAY_DIFFER = ("data.num_workers", "data.cache_frames", "gasp.batched_layers")  # change no result
-
+__all__ = ["GaspRecipe", "train", "load_checkpoint", "load_model_adapter", "lr_lambda"]
 
 # ------------------------------------------------------------------------------------------------
 # Small pieces
@@ -113,25 +107,6 @@ def _fill_deepspeed_auto(ds: dict, cfg: TrainConfig) -> None:
             ds[key]["enabled"] = on
 
 
-def _check_resume_config(cfg: TrainConfig, meta: dict, ckpt: Path) -> None:
-    saved, now = meta.get("train_config", {}), cfg.to_dict()
-
-    def diff(a: Any, b: Any, key: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                d = diff(a.get(k), b.get(k), f"{key}.{k}")
-                if d:
-                    return d
-            return None
-        return None if a == b or key in RESUME_MAY_DIFFER else f"'{key}' (checkpoint: {a!r}, now: {b!r})"
-
-    for section in RESUME_MUST_MATCH:
-        d = diff(saved.get(section), now.get(section), section)
-        if d:
-            raise ConfigError(f"--resume from {ckpt}: config key {d} differs from the checkpoint's; "
-                              f"resume with the same {', '.join(RESUME_MUST_MATCH)} settings")
-
-
 class _JsonlLog:
     """Append-only jsonl (main process); on resume, records past the checkpoint's step are dropped."""
 
@@ -172,7 +147,8 @@ class GaspRecipe:
     ``scheduler``, ``data`` (StepBatches), ``step`` (optimizer steps done).
     """
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str | Path = False,
+                 progress: bool = True) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import set_seed
@@ -195,9 +171,12 @@ class GaspRecipe:
             _fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
         set_seed(cfg.seed)  # same on every rank: identical LoRA init (DDP broadcasts anyway)
 
-        resume_from = latest_checkpoint(self.out_dir) if resume else None
+        # resume=True: this run's latest checkpoint; a path: that checkpoint (e.g. an older intact one)
+        resume_from = latest_checkpoint(self.out_dir) if resume is True else (Path(resume) if resume else None)
         if resume_from is not None:
-            _check_resume_config(cfg, read_meta(resume_from), resume_from)
+            resume_from = verify_checkpoint(resume_from)  # fail before loading anything big
+            for warning in check_resume_config(cfg, read_meta(resume_from), resume_from):
+                self._print(f"WARNING: {warning}")
 
         self.adapter = adapter = load_model_adapter(cfg, acc.device)
         self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir)
@@ -460,96 +439,14 @@ def _keep_as_is(raw: dict) -> dict:
     return raw
 
 
-def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None) -> Path:
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, resume: bool | str | Path = False,
+          progress: bool = True, stop_at: int | None = None) -> Path:
     """Train GASP (or a control) per ``cfg``; returns the final checkpoint directory.
 
     ``out_dir`` defaults to ``cfg.output_dir``. ``resume`` continues from ``out_dir``'s latest checkpoint
-    (fresh start, with a note, when there is none). ``stop_at`` ends after that many optimizer steps (with
+    (fresh start, with a note, when there is none); a path resumes from that checkpoint instead (its config
+    must match as for ``resume=True``). ``stop_at`` ends after that many optimizer steps (with
     a checkpoint), as an interrupted job would; the LR schedule still follows ``optim.max_steps``.
     """
     recipe = GaspRecipe(cfg, Path(out_dir or cfg.output_dir), resume=resume, progress=progress)
     return recipe.run(stop_at=stop_at)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Step-time benchmark (``gasp bench train-step``)
-# ------------------------------------------------------------------------------------------------
-def benchmark_train_step(cfg: TrainConfig, steps: int = 5, warmup: int = 2, out_dir: str | Path | None = None,
-                         progress: bool = False) -> dict[str, Any]:
-    """Median optimizer-step time (and CUDA peak memory) of the LM-only control vs GASP, same model/batches.
-
-    ``cfg`` is the GASP variant; the control is the same config with both λ = 0 (no heads). Step i of
-    either variant sees the same batch. On CPU the two are built side by side and their steps
-    interleaved (A B A B ...) so background load hits both alike; on CUDA they run one after the other
-    so each peak-memory figure is its own.
-    """
-    import dataclasses
-    import gc
-    import statistics
-    import tempfile
-
-    gasp_cfg = cfg
-    lm_cfg = dataclasses.replace(cfg, gasp=dataclasses.replace(cfg.gasp, lambda_corr=0.0, lambda_depth=0.0))
-    if gasp_cfg.gasp.lm_only:
-        raise ConfigError("benchmark_train_step: the GASP variant needs gasp.lambda_corr or gasp.lambda_depth > 0")
-    cuda = torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU")  # gasp bench --device cpu sets it
-    times: dict[str, list[float]] = {"lm_only": [], "gasp": []}
-    peak: dict[str, float | None] = {"lm_only": None, "gasp": None}
-    info: dict[str, Any] = {}
-
-    def timed(recipe: GaspRecipe, i: int) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        recipe.train_step(i)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(out_dir or tmp)
-        if cuda:
-            for name, c in (("lm_only", lm_cfg), ("gasp", gasp_cfg)):
-                recipe = GaspRecipe(c, base / name, progress=progress)
-                if name == "gasp":
-                    info["batch"] = _batch_info(recipe)
-                for i in range(warmup):
-                    recipe.train_step(i)
-                torch.cuda.reset_peak_memory_stats()
-                for i in range(warmup, warmup + steps):
-                    times[name].append(timed(recipe, i))
-                peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-                info[f"{name}_trainable_params"] = sum(p.numel() for p in recipe.trainable)
-                del recipe
-                gc.collect()
-                torch.cuda.empty_cache()
-        else:
-            recipes = {n: GaspRecipe(c, base / n, progress=progress) for n, c in (("lm_only", lm_cfg), ("gasp", gasp_cfg))}
-            info["batch"] = _batch_info(recipes["gasp"])
-            for i in range(warmup + steps):
-                for name, recipe in recipes.items():
-                    t = timed(recipe, i)
-                    if i >= warmup:
-                        times[name].append(t)
-            for name, recipe in recipes.items():
-                info[f"{name}_trainable_params"] = sum(p.numel() for p in recipe.trainable)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
-           "steps": steps, "warmup": warmup, **info,
-           "lm_only_step_s": med["lm_only"], "gasp_step_s": med["gasp"],
-           "step_time_ratio": med["gasp"] / med["lm_only"],
-           "lm_only_step_times_s": times["lm_only"], "gasp_step_times_s": times["gasp"],
-           "lm_only_peak_mem_gib": peak["lm_only"], "gasp_peak_mem_gib": peak["gasp"],
-           "peak_mem_ratio": (peak["gasp"] / peak["lm_only"]) if peak["lm_only"] else None}
-    return out
-
-
-def _batch_info(recipe: GaspRecipe) -> dict[str, Any]:
-    kind, prepared, _, _ = recipe.micro_batch(0)
-    a = recipe.adapter
-    return {"kind": kind, "seq_len": int(prepared.inputs["input_ids"].shape[1]),
-            "visual_tokens": int(prepared.layouts[0].num_visual), "frames": int(prepared.layouts[0].num_frames),
-            "hidden_size": a.hidden_size, "num_layers": a.num_layers,
-            "supervised_layers": len(recipe.heads.layer_indices) if recipe.heads is not None else 0}

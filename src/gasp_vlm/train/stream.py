@@ -94,6 +94,9 @@ def build_geometry(cfg: DataConfig) -> ConcatGeometry | None:
         else:
             from gasp_vlm.data.sequences import GeometrySequenceSource
 
+            if not Path(entry).expanduser().is_dir():
+                raise ConfigError(f"config key 'data.geometry': {entry}: no such folder (give folders of canonical "
+                                  "scenes, see `gasp data --help`, or 'toy' for the built-in set)")
             sources.append(GeometrySequenceSource(entry, frames_window=cfg.window_radius, grid=cfg.grid, seed=cfg.seed,
                                                   anchors=cfg.anchors, cache_frames=cfg.cache_frames))
     return ConcatGeometry(sources) if sources else None
