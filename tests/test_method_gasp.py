@@ -16,7 +16,7 @@ def setup():
     ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 3})
     data = config_from_dict({"data": {"geometry": ["toy"], "toy_sequences": 4, "frames_min": 3, "frames_max": 3}}).data
     ds = StepBatches(data)
-    prepared, targets, _ = prepare_step(ad, ds[0], ds.geometry, "Describe.")
+    prepared, targets, _ = prepare_step(ad, ds[0]["parts"][0], ds.geometry, "Describe.")
     return ad, prepared, targets
 
 

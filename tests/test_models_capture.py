@@ -134,3 +134,30 @@ def test_generate_returns_text_for_images_and_video():
     ims = [Image.fromarray(f) for f in frames(3)]
     out = ad.generate([{"prompt": "Which?", "images": ims[:2]}, {"prompt": "Count.", "video": ims}], max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-llava-next-video"])
+def test_lm_head_runs_only_at_answer_positions_with_the_same_loss_and_gradients(preset):
+    """forward_capture's answer-only LM loss equals HF's full-logits loss, value and gradients, while
+    its logits hold one row per answer token (none for samples without answers)."""
+    from gasp_vlm.train.stream import prepare_conversations
+
+    ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
+    items = [dict(frames=frames(2, seed=1), prompt="What is here?", answer="A red box on a table."),
+             dict(frames=frames(2, seed=2), prompt="How many?", answer="three")]
+    b = prepare_conversations(ad, items)
+    ref = ad.model(**ad.encode_visual_frozen(b), labels=b.labels, use_cache=False)
+    params = {n: p for n, p in ad.model.named_parameters()
+              if "lm_head" in n or ("language_model.layers.1.mlp" in n)}
+    ref_grads = torch.autograd.grad(ref.loss, list(params.values()))
+    cap = ad.forward_capture(b, grad=True)
+    grads = torch.autograd.grad(cap.loss, list(params.values()))
+    n_answer = int((b.labels[:, 1:] != -100).sum())
+    assert n_answer > 8 and cap.logits.shape == (n_answer, ref.logits.shape[-1])
+    assert ref.logits.shape[1] > 3 * n_answer // 2  # the full logits were much larger
+    torch.testing.assert_close(cap.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, g, r in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=n)
+    geo = ad.prepare_frames([frames(2)], prompt="Describe the scene.")  # no answer: no LM loss
+    cap = ad.forward_capture(geo)
+    assert cap.loss is None and cap.logits.shape == (1, 1, ref.logits.shape[-1])

@@ -58,13 +58,14 @@ def test_heads_lr_grads_frozen_vision_and_clipping(tmp_path):
     assert vision and not any(p.requires_grad for p in vision)
 
     # the frozen tower's features carry no graph
-    _, prepared, _, _ = r.micro_batch(0)
+    (part,) = r.micro_batch(0)
+    prepared = part.batch
     enc = r.adapter.encode_visual_frozen(prepared)["mm_encoder_outputs"]["video"]
     feats = enc.pooler_output if hasattr(enc, "pooler_output") else enc
     assert not any(t.requires_grad for t in (feats if isinstance(feats, (list, tuple)) else [feats]))
 
     m = r.forward_backward(0)
-    assert m["kind"] == "geo" and m["corr"] > 0
+    assert m["kind"] == "g" and m["corr"] > 0 and m["per_layer_corr"].shape == (2,)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.heads.parameters())
     lora_b = [p for n, p in r.gasp_model.named_parameters() if "lora_B" in n]
     assert all(p.grad is not None for p in lora_b) and sum(p.grad.abs().sum() for p in lora_b) > 0
@@ -106,7 +107,8 @@ def test_resume_is_exact(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     la, lb = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
-    assert "".join(r["kinds"] for r in la) == "ggiggi"
+    # every step has its geometry part; micro-steps 2 and 5 add an instruction part (ratio 0.34)
+    assert [r["kinds"] for r in la] == ["g", "g", "gi", "g", "g", "gi"]
     for ra, rb in zip(la, lb):
         for key in ("loss", "lm", "corr", "depth", "lr", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
@@ -174,11 +176,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_ddp_matches_single_process_accumulation(tmp_path):
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_two_process_gloo_ddp_matches_single_process_accumulation(tmp_path, ratio):
     # DDP over 2 ranks (batch 1 each) == 1 process accumulating the same 2 micro-batches: the ranks take
     # stream positions 2s, 2s+1, exactly the micro-batches of step s with grad_accum=2 (fixed frame count,
-    # no instruction steps, no anchor subsampling), and both average the two gradients.
-    data = {"geometry": ["toy"], "toy_sequences": 6, "frames_min": 2, "frames_max": 2, "instruction_ratio": 0.0}
+    # no anchor subsampling), and both average the two gradients. ratio 1: every micro-batch holds a
+    # geometry and an instruction part in one forward (the whole objective), on both ranks alike.
+    data = {"geometry": ["toy"], "toy_sequences": 6, "frames_min": 2, "frames_max": 2, "instruction_ratio": ratio,
+            "instructions": "generated" if ratio else None, "generated_instructions": 4, "instruction_frames": 2}
     raw = {"model": {"name": "tiny-qwen2.5-vl", "overrides": {"num_hidden_layers": 2}}, "lora": {"r": 4, "alpha": 8},
            "gasp": {"d_hidden": 32, "d_out": 16, "calib_tokens": 64}, "optim": {"lr": 1e-3, "max_steps": 3},
            "data": data, "save_every": 100, "report_to": []}
@@ -207,6 +212,9 @@ def test_two_process_gloo_ddp_matches_single_process_accumulation(tmp_path):
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(expected[k], init[k]) for k in expected)
     assert (tmp_path / "ddp" / "checkpoints" / "step-000003" / "gasp_checkpoint.json").is_file()
+    log = read_log(tmp_path / "ddp")
+    assert all(r["kinds"] == ("g" if ratio == 0 else "gi") and r["corr"] > 0 for r in log)
+    assert all((r["lm"] > 0) == (ratio > 0) for r in log)  # the LM term in every step, with the geometry
 
 
 def test_cli_train_and_config_errors(tmp_path):
@@ -228,3 +236,40 @@ def test_cli_train_and_config_errors(tmp_path):
     res = runner.invoke(main, ["train", "--config", "demo.yaml", "--set", "optim.lr=fast", "--out", str(tmp_path / "x")])
     # the error names the option the user typed, not the config file the key was not in
     assert res.exit_code != 0 and "--set optim.lr=fast: key 'optim.lr'" in res.output and "demo.yaml" not in res.output
+
+
+def test_a_run_you_can_watch_logs_per_layer_terms_throughput_and_a_plot(tmp_path):
+    """logs/train.jsonl carries each loss term per supervised layer (their mean is the logged term),
+    tokens/s split into visual and text tokens, data wait, peak memory; the run ends with a PNG."""
+    import numpy as np
+
+    from gasp_vlm.train.watch import step_scalars
+
+    train(tiny_cfg("optim.max_steps=3", "data.instruction_ratio=1.0"), tmp_path, progress=False)
+    log = read_log(tmp_path)
+    for r in log:
+        assert r["kinds"] == "gi" and len(r["corr_per_layer"]) == len(r["depth_per_layer"]) == 2
+        assert np.mean(r["corr_per_layer"]) == pytest.approx(r["corr"], rel=1e-5)
+        assert np.mean(r["depth_per_layer"]) == pytest.approx(r["depth"], rel=1e-5)
+        assert r["visual_tokens_per_s"] > 0 and r["text_tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["visual_tokens_per_s"] + r["text_tokens_per_s"])
+        assert 0 <= r["data_wait_frac"] <= 1 and r["data_wait_s"] > 0 and r["peak_mem_gib"] > 0.1
+        assert r["model_tflops_per_s"] > 0 and r["mfu"] is None  # no known accelerator peak on CPU
+    png = tmp_path / "plots" / "per_layer_losses.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sc = step_scalars(log[0], [0, 1])
+    assert sc["train_layers/corr_01"] == log[0]["corr_per_layer"][1] and "train/lm" in sc and "train/mfu" not in sc
+
+
+def test_model_flops_count_decoder_parameters():
+    from gasp_vlm.models import load_adapter
+    from gasp_vlm.train.watch import flops_per_token
+
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 2})
+    for p in ad.model.parameters():
+        p.requires_grad_(False)
+    n_dec = sum(p.numel() for p in ad.decoder_layers().parameters())
+    f = flops_per_token(ad)
+    assert f["a"] == 6 * n_dec and f["b"] == 12 * 2 * ad.hidden_size  # frozen: no weight gradients
+    ad.model.lm_head.weight.requires_grad_(True)
+    assert flops_per_token(ad)["a"] == 6 * n_dec + 2 * ad.model.lm_head.weight.numel()

@@ -29,15 +29,15 @@ def test_batches_are_a_pure_function_of_step_and_rank():
     cfg = _data_cfg(batch_size=2)
     a, b = StepBatches(cfg), StepBatches(cfg)
     for step in (0, 3, 11):
-        x, y = a[step], b[step]
-        assert x["kind"] == y["kind"] and len(x["items"]) == 2
+        (x,), (y,) = a[step]["parts"], b[step]["parts"]
+        assert x["kind"] == y["kind"] == "geo" and len(x["items"]) == 2
         for i, j in zip(x["items"], y["items"]):
             assert all(np.array_equal(f, g) for f, g in zip(i["frames"], j["frames"]))
-    r0, r1 = StepBatches(cfg, rank=0, world=2)[4], StepBatches(cfg, rank=1, world=2)[4]
-    # ranks agree on the kind and frame count (same module calls) but see different sequences
+    (r0,), (r1,) = StepBatches(cfg, rank=0, world=2)[4]["parts"], StepBatches(cfg, rank=1, world=2)[4]["parts"]
+    # ranks agree on the parts and frame count (same module calls) but see different sequences
     assert r0["kind"] == r1["kind"] and len(r0["items"][0]["frames"]) == len(r1["items"][0]["frames"])
     assert not np.array_equal(r0["items"][0]["frames"][0], r1["items"][0]["frames"][0])
-    counts = {len(StepBatches(cfg)[s]["items"][0]["frames"]) for s in range(30)}
+    counts = {len(StepBatches(cfg)[s]["parts"][0]["items"][0]["frames"]) for s in range(30)}
     assert counts <= set(range(2, 6)) and len(counts) > 1
 
 
@@ -46,8 +46,8 @@ def test_toy_targets_are_exact_correspondences():
 
     ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
     ds = StepBatches(_data_cfg(frames_min=4, frames_max=4))
-    prepared, targets, rows = prepare_step(ad, ds[0], ds.geometry, "Describe.")
-    tg, lay, item = targets[0], prepared.layouts[0], ds[0]["items"][0]
+    prepared, targets, rows = prepare_step(ad, ds[0]["parts"][0], ds.geometry, "Describe.")
+    tg, lay, item = targets[0], prepared.layouts[0], ds[0]["parts"][0]["items"][0]
     assert rows is None and tg.num_pairs > 0
     s, (_, gw), px = lay.tokens_per_slot, lay.grid_hw, lay.token_px
     for m in range(tg.anchor_tokens.numel()):
@@ -73,8 +73,8 @@ def test_generated_instructions_label_only_answers(tmp_path):
     assert build_instructions(cfg, tmp_path) is not None
     assert (tmp_path / "instructions" / "instructions.json").is_file()
     ds = StepBatches(cfg, work_dir=tmp_path)  # reuses the set written above
-    batch = ds[0]
-    assert batch["kind"] == "instr"
+    geo, batch = ds[0]["parts"]  # ratio 1: every micro-batch adds an instruction part to its geometry part
+    assert geo["kind"] == "geo" and batch["kind"] == "instr"
     ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
     prepared, targets, rows = prepare_step(ad, batch, ds.geometry, "unused")
     assert targets is None and rows.shape == (1, 1)
@@ -82,3 +82,19 @@ def test_generated_instructions_label_only_answers(tmp_path):
     answer = ad.tokenizer.decode(labels[labels != -100])
     assert answer.strip().rstrip("<|im_end|>").strip() == batch["items"][0]["answer"]
     assert (labels != -100).sum() < labels.numel() // 2  # the prompt and the video carry no labels
+
+
+@pytest.mark.parametrize("ratio", [0.25, 1.0])
+def test_every_micro_batch_has_geometry_and_instructions_join_it(tmp_path, ratio):
+    """Instruction parts are added to the geometry part (never replace it), at the configured rate, the
+    same on every rank; the instruction and geometry streams each advance by their own count."""
+    cfg = _data_cfg(instructions="generated", instruction_ratio=ratio, generated_instructions=4, instruction_frames=2)
+    r0, r1 = StepBatches(cfg, rank=0, world=2, work_dir=tmp_path), StepBatches(cfg, rank=1, world=2, work_dir=tmp_path)
+    kinds = [[p["kind"] for p in r0[s]["parts"]] for s in range(8)]
+    assert kinds == [[p["kind"] for p in r1[s]["parts"]] for s in range(8)]
+    assert all(k[0] == "geo" for k in kinds)
+    assert sum("instr" in k for k in kinds) == int(8 * ratio)
+    answers = [r0[s]["parts"][1]["items"][0]["answer"] for s in range(8) if len(r0[s]["parts"]) == 2]
+    assert len(answers) == int(8 * ratio)
+    control = StepBatches(cfg, work_dir=tmp_path, geometry_parts=False)  # the LM-only control: no geometry
+    assert [[p["kind"] for p in control[s]["parts"]] for s in range(8)] == [k[1:] for k in kinds]

@@ -37,7 +37,7 @@ def bench() -> None:
 @click.option("--head-hidden", type=int, default=1024, show_default=True)
 @click.option("--head-out", type=int, default=256, show_default=True)
 @click.option("--max-anchors", type=int, default=None, help="Anchors per sample (default: all).")
-@click.option("--steps", type=int, default=5, show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True, help="Timed steps per variant (interleaved on CPU).")
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")

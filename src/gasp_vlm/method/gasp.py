@@ -6,7 +6,8 @@
 (the HF model, or the PeftModel around it) and the heads are both registered submodules, the heads
 *outside* PEFT (no ``modules_to_save`` copies; saved separately as ``heads.safetensors``).
 
-One forward per step: ``adapter.forward_capture`` runs the frozen vision tower under ``no_grad``
+One forward per micro-batch (its geometry and instruction parts in turn, train/stream.py):
+``adapter.forward_capture`` runs the frozen vision tower under ``no_grad``
 (``mm_encoder_outputs``, no ViT graph), captures the supervised layers' visual-token hidden states
 *with* their graph, and returns the LM loss from the labels (answer tokens only). Heads and losses run
 after the forward on those slices (``gasp_losses``): by default all supervised layers at once
@@ -142,20 +143,38 @@ class GaspModel(nn.Module):
 
     def forward(self, batch, targets: Sequence[Any | None] | None = None, rows: Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """batch: PreparedBatch (labels on answer tokens, or None); targets: one TokenTargets-like
-        object (or None) per sample; rows (B, N): sequence positions the heads read (default: the
-        visual tokens; instruction batches pass any valid positions, their heads see a zero loss).
+        """batch: PreparedBatch (labels on answer tokens, or None), or a list of ``Part``s run in this
+        one forward (a geometry and an instruction part: the paper's whole objective in one backward);
+        targets: one TokenTargets-like object (or None) per sample; rows (B, N): sequence positions the
+        heads read (default: the visual tokens; instruction batches pass any valid positions, their
+        heads see a zero loss).
 
-        Returns dict(loss, lm, corr, depth [, per_layer_corr (L,), per_layer_depth (L,), n_pairs]).
+        Returns dict(loss, lm, corr, depth [, per_layer_corr (L,), per_layer_depth (L,), n_pairs]):
+        ``loss`` the sum over parts, each term from the parts that carry it.
         """
+        parts = list(batch) if isinstance(batch, (list, tuple)) else [Part(batch, targets, rows)]
+        outs = {p.kind: self._forward_part(p, generator) for p in parts}
+        if len(outs) != len(parts):
+            raise ValueError(f"GaspModel: at most one part per kind, got {[p.kind for p in parts]}")
+        if len(outs) == 1:
+            return next(iter(outs.values()))
+        # lm from the instruction part, corr/depth (+ per-layer terms) from the geometry part; the
+        # other part's term is an exact 0 that only keeps every parameter in the graph
+        total = dict(outs["geo"])
+        total["loss"] = outs["geo"]["loss"] + outs["instr"]["loss"]
+        total["lm"] = outs["instr"]["lm"]
+        return total
+
+    def _forward_part(self, part: "Part", generator: torch.Generator | None) -> dict[str, Tensor]:
+        batch, targets, rows = part.batch, part.targets, part.rows
         layers = [] if self.heads is None else self.heads.layer_indices
         cap = self._adapter.forward_capture(batch, what=("hidden",), layers=layers, grad=True,
                                             freeze_vision=True, rows=rows)
         if cap.loss is not None:
             lm = cap.loss.float()
         else:
-            # No answer tokens: LM term 0, but tied to the logits so lm_head/final norm get a zero
-            # (not a missing) gradient -- DDP/ZeRO wait for every trainable parameter.
+            # No answer tokens: LM term 0, but tied to the (last-position) logits so lm_head/final norm
+            # get a zero (not a missing) gradient -- DDP/ZeRO wait for every trainable parameter.
             lm = cap.logits.float().sum() * 0.0
         zero = lm.new_zeros(())
         if self.heads is None:
@@ -175,3 +194,16 @@ class GaspModel(nn.Module):
         return dict(loss=loss, lm=lm.detach(), corr=geo.corr.detach(), depth=geo.depth.detach(),
                     per_layer_corr=geo.per_layer_corr, per_layer_depth=geo.per_layer_depth,
                     n_pairs=torch.tensor(float(geo.n_pairs)))
+
+
+@dataclass
+class Part:
+    """One part of a micro-batch: a PreparedBatch with its targets (geometry) or head rows (instructions)."""
+
+    batch: Any
+    targets: Sequence[Any | None] | None = None
+    rows: Tensor | None = None  # set for instruction parts (no visual-token targets)
+
+    @property
+    def kind(self) -> str:
+        return "geo" if self.rows is None else "instr"

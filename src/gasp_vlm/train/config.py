@@ -86,7 +86,7 @@ class DataConfig:
     instructions: str | None = None  # LLaVA-Video-178K style JSON, or "generated" (built-in toy set)
     generated_instructions: int = 32  # size of the "generated" set
     media_root: str | None = None  # default: the JSON's folder
-    instruction_ratio: float = 0.0  # fraction of steps that are instruction batches
+    instruction_ratio: float = 0.0  # fraction of micro-batches that add an instruction part to their geometry part
     instruction_frames: int = 8
     prompt: str = "Describe the scene."  # user text of geometry samples (they carry no answer)
     batch_size: int = 1

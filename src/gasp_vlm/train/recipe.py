@@ -17,7 +17,9 @@ Setup, in this order (the order matters):
 
 Each optimizer step runs ``optim.grad_accum`` micro-batches; micro-batch i is ``StepBatches[i]``, a pure
 function of (seed, i, rank, world), so the data state of a checkpoint is just its step and ``--resume``
-continues bit-exactly (weights, AdamW moments, LR schedule, RNG restored). bf16 autocast is used when
+continues bit-exactly (weights, AdamW moments, LR schedule, RNG restored). A micro-batch's geometry and
+instruction parts run in one forward and one backward (train/stream.py), so the step's gradient is that
+of L_LM + λ_corr·L_corr + λ_depth·L_depth, with the λ's the only weights between the terms. bf16 autocast is used when
 the device supports it (``precision: auto``); on CPU training runs in fp32.
 
 Python API (what the demo and the CLI call)::
@@ -26,8 +28,11 @@ Python API (what the demo and the CLI call)::
     adapter, heads, meta = load_checkpoint(ckpt)                 # re-exported from checkpoint.py
 
 Outputs under ``out_dir``: ``config.yaml``, ``logs/train.jsonl`` (one record per optimizer step:
-loss, lm, corr, depth, lr, head_lr, grad_norm, kinds, step time, samples/s), ``tb/`` (TensorBoard, when
-installed and in ``report_to``), ``checkpoints/step-NNNNNN`` and the ``latest`` pointer.
+loss, lm, corr, depth and their per-layer values corr_per_layer / depth_per_layer, lr, head_lr,
+grad_norm, kinds (the parts of each micro-batch: g, i, gi), step time, samples/s, tokens/s (visual and
+text), data-wait time and fraction, model TFLOP/s and MFU (train/watch.py), peak memory), ``tb/``
+(TensorBoard, when installed and in ``report_to``; per-layer terms under train_layers/),
+``plots/per_layer_losses.png`` (written at the end of a run), ``checkpoints/step-NNNNNN`` and ``latest``.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ from typing import Any
 
 import torch
 
-from gasp_vlm.method.gasp import GaspModel, build_heads
+from gasp_vlm.method.gasp import GaspModel, Part, build_heads
 from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
                                        restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
 from gasp_vlm.train.resume import check_resume_config
 from gasp_vlm.train.stream import StepBatches, prepare_step
+from gasp_vlm.train.watch import (JsonlLog, console_line, flops_per_token, plot_per_layer_losses, step_scalars,
+                                  throughput, token_counts)
 
 __all__ = ["GaspRecipe", "train", "load_checkpoint", "load_model_adapter", "lr_lambda"]
 
@@ -107,25 +114,6 @@ def _fill_deepspeed_auto(ds: dict, cfg: TrainConfig) -> None:
             ds[key]["enabled"] = on
 
 
-class _JsonlLog:
-    """Append-only jsonl (main process); on resume, records past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, keep_until: int | None) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if keep_until is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
-        elif keep_until is None and path.is_file():
-            path.unlink()  # a fresh run starts a fresh log
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def load_model_adapter(cfg: TrainConfig, device: torch.device | str):
     """The base VLM adapter of ``cfg.model`` (preset, HF dir or hub id) on ``device``."""
     from gasp_vlm.models import load_adapter
@@ -148,7 +136,7 @@ class GaspRecipe:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: bool | str | Path = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, geometry_parts: bool | None = None) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import set_seed
@@ -179,7 +167,10 @@ class GaspRecipe:
                 self._print(f"WARNING: {warning}")
 
         self.adapter = adapter = load_model_adapter(cfg, acc.device)
-        self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir)
+        # the LM-only control loads no geometry parts (they carry no loss) unless told to
+        # (``geometry_parts=True``: the step-time benchmark's baseline forward on the same batches)
+        self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir,
+                                geometry_parts=not cfg.gasp.lm_only if geometry_parts is None else geometry_parts)
 
         # Heads first: SVD of the pretrained q_proj, before LoRA/sharding. A resumed run overwrites
         # them from the checkpoint, so it skips the calibration forward.
@@ -215,6 +206,7 @@ class GaspRecipe:
             self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.max_steps, o.schedule, o.min_lr_ratio))
         self.model, self.optimizer = acc.prepare(gm, self.optimizer)
         self.trainable = [p for p in gm.parameters() if p.requires_grad]
+        self.flops_per_token = flops_per_token(adapter)
 
         self.step = 0
         if resume_from is not None:
@@ -252,30 +244,43 @@ class GaspRecipe:
             print(msg, flush=True)
 
     # ---- one step --------------------------------------------------------------------------------
-    def micro_batch(self, index: int, raw: dict | None = None) -> tuple[str, Any, Any, torch.Tensor | None]:
-        """Micro-batch ``index`` -> (kind, PreparedBatch on device, targets | None, rows | None).
+    def micro_batch(self, index: int, raw: dict | None = None) -> list[Part]:
+        """Micro-batch ``index`` -> its parts (geometry, then instruction), on device.
 
         ``raw`` is ``self.data[index]`` when a DataLoader worker already loaded it."""
         batch = self.data[index] if raw is None else raw
-        prepared, targets, rows = prepare_step(self.adapter, batch, self.data.geometry, self.cfg.data.prompt,
-                                               self.cfg.model.frame_mode)
         dev = self.accelerator.device
-        return batch["kind"], prepared.to(dev), targets, rows.to(dev) if rows is not None else None
+        parts = []
+        for part in batch["parts"]:
+            prepared, targets, rows = prepare_step(self.adapter, part, self.data.geometry, self.cfg.data.prompt,
+                                                   self.cfg.model.frame_mode)
+            parts.append(Part(prepared.to(dev), targets, rows.to(dev) if rows is not None else None))
+        return parts
 
     def forward_backward(self, index: int, raw: dict | None = None) -> dict[str, Any]:
-        """Forward + backward of micro-batch ``index`` (gradients accumulate; no optimizer step)."""
-        kind, prepared, targets, rows = self.micro_batch(index, raw)
+        """Forward + backward of micro-batch ``index`` (gradients accumulate; no optimizer step): all its
+        parts in one forward, so one backward carries L_LM + λ_corr·L_corr + λ_depth·L_depth."""
+        t0 = time.perf_counter()
+        parts = self.micro_batch(index, raw)
+        t_data = time.perf_counter() - t0
         # anchor subsampling: a generator seeded by the micro-step, so resume needs no extra state
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
         acc = self.accelerator
+        zero = torch.zeros(())
+        out: dict[str, Any] = {"loss": zero, "lm": zero, "corr": zero, "depth": zero}
         with acc.accumulate(self.model):
-            with acc.autocast():
-                out = self.model(prepared, targets, rows=rows, generator=gen)
-            acc.backward(out["loss"])
-        return {"kind": kind, "loss": out["loss"].detach().float(), "lm": out["lm"].float(),
-                "corr": out["corr"].float(), "depth": out["depth"].float(),
-                "n_pairs": float(out.get("n_pairs", torch.zeros(())).item()),
-                "samples": prepared.inputs["input_ids"].shape[0]}
+            if parts:  # empty only for the LM-only control's micro-batches without instructions
+                with acc.autocast():
+                    out = self.model(parts, generator=gen)
+                acc.backward(out["loss"])
+        rec = {"kind": "".join(p.kind[0] for p in parts), "loss": out["loss"].detach().float().cpu(),
+               "lm": out["lm"].float().cpu(), "corr": out["corr"].float().cpu(), "depth": out["depth"].float().cpu(),
+               "n_pairs": float(out.get("n_pairs", zero).item()), "data_s": t_data,
+               "samples": sum(p.batch.inputs["input_ids"].shape[0] for p in parts), **token_counts(parts)}
+        for k in ("per_layer_corr", "per_layer_depth"):
+            if k in out:
+                rec[k] = out[k].detach().float().cpu()
+        return rec
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip (global norm over backbone + heads), AdamW step, LR schedule step, zero grads."""
@@ -296,24 +301,44 @@ class GaspRecipe:
         return {"grad_norm": float(norm) if norm is not None else float("nan"),
                 "lr": lrs.get("backbone", float("nan")), "head_lr": lrs.get("heads", float("nan"))}
 
-    def train_step(self, step: int, raws: list[dict] | None = None) -> dict[str, Any]:
+    def train_step(self, step: int, raws: list[dict] | None = None, data_wait_s: float = 0.0) -> dict[str, Any]:
         """Optimizer step ``step`` (0-based): grad_accum micro-batches, then one update. Returns the log record.
 
-        ``raws``: the step's micro-batches if a DataLoader prefetched them (else loaded here)."""
+        ``raws``: the step's micro-batches if a DataLoader prefetched them (else loaded here);
+        ``data_wait_s``: the time spent waiting for them."""
         t0 = time.perf_counter()
         accum = self.cfg.optim.grad_accum
         raws = raws if raws is not None else [None] * accum
         micro = [self.forward_backward(step * accum + k, raws[k]) for k in range(accum)]
         rec = self.optimizer_step()
-        # mean over micro-batches, then over ranks (one small all-reduce)
-        terms = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in ("loss", "lm", "corr", "depth")])
-        terms = self.accelerator.reduce(terms.to(self.accelerator.device), reduction="mean").tolist()
-        dt = time.perf_counter() - t0
-        samples = sum(m["samples"] for m in micro) * self.accelerator.num_processes
+        dt = time.perf_counter() - t0 + data_wait_s
         self.step = step + 1
-        return {"step": self.step, "loss": terms[0], "lm": terms[1], "corr": terms[2], "depth": terms[3], **rec,
-                "kinds": "".join("i" if m["kind"] == "instr" else "g" for m in micro),
-                "n_pairs": sum(m["n_pairs"] for m in micro), "step_time_s": dt, "samples_per_s": samples / dt}
+        return {"step": self.step, **self._reduce_terms(micro), **rec,
+                "kinds": ",".join(m["kind"] for m in micro), "n_pairs": sum(m["n_pairs"] for m in micro),
+                **throughput(micro, dt, data_wait_s + sum(m["data_s"] for m in micro), self.accelerator,
+                             self.flops_per_token)}
+
+    def _reduce_terms(self, micro: list[dict]) -> dict[str, Any]:
+        """Each loss term averaged over the micro-batches that carry it (lm: instruction parts; corr,
+        depth and their per-layer values: geometry parts), then over ranks (one small all-reduce;
+        every rank has the same parts). A term no micro-batch carried is 0."""
+        n_layers = len(self.heads.layer_indices) if self.heads is not None else 0
+        carriers = {"loss": micro, "lm": [m for m in micro if "i" in m["kind"]],
+                    "corr": [m for m in micro if "g" in m["kind"]]}
+        carriers["depth"] = carriers["corr"]
+
+        def mean(key: str, ms: list[dict], size: int | None = None) -> torch.Tensor:
+            vals = [m[key].reshape(-1) for m in ms if key in m]
+            return torch.stack(vals).mean(0) if vals else torch.zeros(size or 1)
+
+        flat = torch.cat([mean(k, carriers[k]) for k in ("loss", "lm", "corr", "depth")]
+                         + [mean(k, carriers["corr"], n_layers) for k in ("per_layer_corr", "per_layer_depth")])
+        flat = self.accelerator.reduce(flat.to(self.accelerator.device), reduction="mean").tolist()
+        out = dict(zip(("loss", "lm", "corr", "depth"), flat[:4]))
+        if n_layers:
+            out["corr_per_layer"] = flat[4:4 + n_layers]
+            out["depth_per_layer"] = flat[4 + n_layers:4 + 2 * n_layers]
+        return out
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
@@ -340,7 +365,7 @@ class GaspRecipe:
             tmp = self.out_dir / ".config.yaml.tmp"
             save_config(cfg, tmp)
             os.replace(tmp, self.out_dir / "config.yaml")
-            log = _JsonlLog(self.out_dir / "logs" / "train.jsonl", self.step if self.resumed_from else None)
+            log = JsonlLog(self.out_dir / "logs" / "train.jsonl", self.step if self.resumed_from else None)
             tb = self._tensorboard()
             wandb_run = self._wandb()
         bar = None
@@ -354,26 +379,25 @@ class GaspRecipe:
         prefetch = self._prefetch(self.step * accum, end * accum)
         try:
             while self.step < end:
+                t_wait = time.perf_counter()
                 raws = [next(prefetch) for _ in range(accum)] if prefetch is not None else None
-                rec = self.train_step(self.step, raws)
+                rec = self.train_step(self.step, raws, data_wait_s=time.perf_counter() - t_wait)
                 if main:
                     log.write(rec)
-                    if tb is not None:  # each term only on steps that carry it (no zig-zag through 0)
-                        keys = ["loss", "lr", "head_lr", "grad_norm", "samples_per_s"]
-                        keys += ["lm"] * ("i" in rec["kinds"] or cfg.data.instruction_ratio == 0)
-                        keys += ["corr", "depth"] * ("g" in rec["kinds"])
-                        for k in keys:
-                            tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+                    scalars = step_scalars(rec, self.heads.layer_indices if self.heads is not None else [],
+                                           lm_always=cfg.data.instruction_ratio == 0)
+                    if tb is not None:
+                        for k, v in scalars.items():
+                            tb.add_scalar(k, v, rec["step"])
                     if wandb_run is not None:
-                        wandb_run.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
-                                      step=rec["step"])
+                        wandb_run.log(scalars, step=rec["step"])
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lm=f"{rec['lm']:.3f}", corr=f"{rec['corr']:.3f}",
                                         depth=f"{rec['depth']:.3f}", refresh=False)
                     window.append(rec)
                     if "console" in cfg.report_to and (rec["step"] % cfg.log_every == 0 or rec["step"] == end):
-                        (bar.write if bar is not None else print)(_console_line(window))
+                        (bar.write if bar is not None else print)(console_line(window))
                         window = []
                 if self.step % cfg.save_every == 0 or self.step == end:
                     last = self.save()
@@ -386,6 +410,9 @@ class GaspRecipe:
                 wandb_run.finish()
         if last is None:  # nothing left to train (resumed at or past the end)
             last = latest_checkpoint(self.out_dir) or self.save()
+        if main and self.heads is not None:
+            plot_per_layer_losses(self.out_dir / "logs" / "train.jsonl", self.heads.layer_indices,
+                                  self.out_dir / "plots" / "per_layer_losses.png")
         return last
 
     def _prefetch(self, start: int, stop: int):
@@ -419,19 +446,6 @@ class GaspRecipe:
                   "logging to logs/train.jsonl only")
             return None
         return SummaryWriter(str(self.out_dir / "tb"))
-
-
-def _console_line(window: list[dict]) -> str:
-    """Means over the window: LM loss over steps with instruction data, corr/depth over geometry steps
-    (with interleaving, any single step shows only one kind's terms)."""
-    def mean(key: str, kind: str | None = None) -> float:
-        recs = [r for r in window if kind is None or kind in r["kinds"]] or window
-        return sum(r[key] for r in recs) / len(recs)
-
-    last = window[-1]
-    return (f"step {last['step']:>6}  loss {mean('loss'):.4f}  lm {mean('lm', 'i'):.4f}  corr {mean('corr', 'g'):.4f}  "
-            f"depth {mean('depth', 'g'):.4f}  lr {last['lr']:.2e}  gnorm {mean('grad_norm'):.3f}  "
-            f"{mean('samples_per_s'):.2f} samples/s  {1 / mean('step_time_s'):.2f} steps/s")
 
 
 def _keep_as_is(raw: dict) -> dict:

@@ -1,13 +1,17 @@
-"""Deterministic, resumable per-step batches: geometry sequences interleaved with instruction samples.
+"""Deterministic, resumable per-step batches: every micro-batch a geometry part, plus an instruction part.
 
 Everything a step loads is a pure function of (seed, step, rank, world size), so the data state of
-a checkpoint is just the step, ``--resume`` replays nothing, and all ranks agree on the batch *kind*
-and frame count of every step (same module calls everywhere: DDP/ZeRO never wait on each other).
+a checkpoint is just the step, ``--resume`` replays nothing, and all ranks agree on the parts and
+frame counts of every micro-batch (same module calls everywhere: DDP/ZeRO never wait on each other).
 
-- Step kind: step i is an instruction step iff floor((i+1)·ρ) > floor(i·ρ), ρ = instruction_ratio.
-- Sample indices: the k-th batch of a kind takes global positions p = (k·world + rank)·B + j of an
+- Parts: micro-batch i holds a geometry part (when a geometry source is configured) and, iff
+  floor((i+1)·ρ) > floor(i·ρ) with ρ = instruction_ratio, an instruction part. Both run in the same
+  forward (method/gasp.py), so a micro-batch with both parts carries the paper's whole objective
+  L = L_LM + λ_corr·L_corr + λ_depth·L_depth, with the λ's its only weights. ρ = 1 (the 7B configs):
+  every optimizer step; ρ < 1 (cheap miniatures) adds L_LM to that fraction of micro-batches.
+- Sample indices: the k-th part of a kind takes global positions p = (k·world + rank)·B + j of an
   endless stream that reshuffles each epoch (permutation seeded by (seed, epoch)).
-- Frame count of a geometry step: uniform in [frames_min, frames_max], seeded by (seed, step).
+- Frame count of a geometry part: uniform in [frames_min, frames_max], seeded by (seed, step).
 
 "step" here is the *micro*-step (the recipe asks for step·grad_accum + micro).
 """
@@ -28,11 +32,6 @@ from gasp_vlm.train.config import ConfigError, DataConfig
 
 def is_instruction_step(step: int, ratio: float) -> bool:
     return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
-
-
-def _kind_index(step: int, ratio: float, instr: bool) -> int:
-    n_instr = math.floor(step * ratio + 1e-9)  # instruction steps before this one
-    return n_instr if instr else step - n_instr
 
 
 def _stream_index(pos: int, n: int, seed: int) -> int:
@@ -132,48 +131,53 @@ def build_instructions(cfg: DataConfig, work_dir: str | Path | None = None):
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Dataset indexed by *step*: ``ds[step]`` -> dict(kind, step, items) for this rank.
+    """Dataset indexed by *micro-step*: ``ds[step]`` -> dict(step, parts=[dict(kind, items), ...]) for
+    this rank, the geometry part ("geo") first, then the instruction part ("instr") when the step has one.
 
-    Wrap in a DataLoader(batch_size=None, sampler=range(start, max_steps)) to prefetch with workers.
+    ``geometry_parts=False`` leaves the geometry parts out (the LM-only control: they carry no loss
+    there). Wrap in a DataLoader(batch_size=None, sampler=range(start, stop)) to prefetch with workers.
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, geometry=None, instructions=None,
-                 work_dir: str | Path | None = None) -> None:
+                 work_dir: str | Path | None = None, geometry_parts: bool = True) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.geometry = geometry if geometry is not None else build_geometry(cfg)
         if instructions is None:
             instructions = build_instructions(cfg, work_dir)
         self.instructions = instructions
+        self.geometry_parts = geometry_parts and self.geometry is not None
         if cfg.instruction_ratio < 1 and self.geometry is None:
-            raise ConfigError("data.geometry: geometry steps are scheduled but no geometry source is configured")
+            raise ConfigError("data.geometry: micro-batches without an instruction part need a geometry source")
         if cfg.instruction_ratio > 0 and self.instructions is None:
-            raise ConfigError("data.instructions: instruction steps are scheduled but no instruction set is configured")
+            raise ConfigError("data.instructions: instruction parts are scheduled but no instruction set is configured")
 
     def __len__(self) -> int:  # effectively endless; the sampler decides the range
         return 2 ** 31
 
-    def kind(self, step: int) -> str:
-        return "instr" if is_instruction_step(step, self.cfg.instruction_ratio) else "geo"
+    def kinds(self, step: int) -> list[str]:
+        """The parts of micro-step ``step``, in order."""
+        return ["geo"] * self.geometry_parts + ["instr"] * is_instruction_step(step, self.cfg.instruction_ratio)
 
     def __getitem__(self, step: int) -> dict:
         c = self.cfg
-        kind = self.kind(step)
-        src = self.instructions if kind == "instr" else self.geometry
-        k = _kind_index(step, c.instruction_ratio, kind == "instr")
-        if kind == "instr":
-            n_frames = c.instruction_frames
-        else:
-            n_frames = int(np.random.default_rng([c.seed, step, 7]).integers(c.frames_min, c.frames_max + 1))
-        items = []
-        for j in range(c.batch_size):
-            pos = (k * self.world + self.rank) * c.batch_size + j
-            idx = _stream_index(pos, len(src), c.seed + (1000 if kind == "instr" else 0))
-            items.append(src.sample(idx, n_frames))
-        return dict(kind=kind, step=step, items=items)
+        parts = []
+        for kind in self.kinds(step):
+            instr = kind == "instr"
+            src = self.instructions if instr else self.geometry
+            k = math.floor(step * c.instruction_ratio + 1e-9) if instr else step  # parts of this kind before
+            n_frames = c.instruction_frames if instr else \
+                int(np.random.default_rng([c.seed, step, 7]).integers(c.frames_min, c.frames_max + 1))
+            items = []
+            for j in range(c.batch_size):
+                pos = (k * self.world + self.rank) * c.batch_size + j
+                idx = _stream_index(pos, len(src), c.seed + (1000 if instr else 0))
+                items.append(src.sample(idx, n_frames))
+            parts.append(dict(kind=kind, items=items))
+        return dict(step=step, parts=parts)
 
 
 def prepare_step(adapter, batch: dict, geometry, prompt: str, frame_mode: str | None = None):
-    """Step batch -> (PreparedBatch, targets list | None, rows | None) for ``GaspModel.forward``."""
+    """One part of a step batch (dict(kind, items)) -> (PreparedBatch, targets list | None, rows | None)."""
     items = batch["items"]
     if batch["kind"] == "geo":
         prepared = adapter.prepare_frames([it["frames"] for it in items], prompt=prompt, frame_mode=frame_mode)
