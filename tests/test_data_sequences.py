@@ -140,3 +140,40 @@ def test_dataloader_workers_give_the_same_items(dataset_dir):
     direct = _ids([ds[i] for i in [3, 40, 77, 122]])
     loader = torch.utils.data.DataLoader(sub, batch_size=2, num_workers=2, collate_fn=_ids)
     assert [x for b in loader for x in b] == direct
+
+
+def test_frames_of_different_sizes_are_resized_to_the_anchor_with_exact_intrinsics(tmp_path):
+    """A scene whose frames differ in size passes `data check` and samples at one size: the other
+    frames are resized to the anchor's, with K scaled so a world point lands where it projects."""
+    from gasp_vlm.data.scene_check import check_scene, format_summary
+    from gasp_vlm.data.sequences import GeometrySequenceSource
+    from gasp_vlm.data.synth import render_scene
+    from gasp_vlm.geometry.cameras import cam_to_world, project_world, unproject
+    from gasp_vlm.models import load_adapter
+
+    big, small = render_scene(4, num_frames=4, size=(48, 64)), render_scene(4, num_frames=4, size=(24, 32))
+    mix = lambda key: [big[key][0], big[key][1], small[key][2], small[key][3]]  # noqa: E731
+    write_scene(tmp_path / "ds" / "mixed", mix("images"), mix("depths"), np.stack(mix("K")),
+                big["cam_from_world"], objects=mix("objects"))
+    summary = check_scene(tmp_path / "ds" / "mixed")
+    assert summary.ok and summary.resolutions == {(48, 64), (24, 32)}
+    assert "frames of several sizes in 1 scene(s) (mixed)" in format_summary([summary])
+    src = GeometrySequenceSource(tmp_path / "ds", anchor_first=True)
+    item = src.sample(0, 4)  # anchor frame 0 (48 x 64)
+    assert item["frame_ids"][0] == 0 and sorted(item["frame_ids"]) == [0, 1, 2, 3]
+    assert {f.shape for f in item["frames"]} == {(48, 64, 3)} and {d.shape for d in item["depths"]} == {(48, 64)}
+    assert {o.shape for o in item["objects"]} == {(48, 64)}
+    j = item["frame_ids"].index(2)
+    np.testing.assert_allclose(item["K"][j], big["K"][2])  # scaled K of the small frame == the big render's K
+    # a surface point seen by the anchor projects into the resized frame where it projects at full size
+    q = np.array([[20.5, 30.5], [40.5, 10.5]])
+    d = big["depths"][0][q[:, 1].astype(int), q[:, 0].astype(int)].astype(np.float64)
+    pts = cam_to_world(unproject(q, d, big["K"][0]), big["cam_from_world"][0])
+    uv_small, _ = project_world(pts, small["K"][2], small["cam_from_world"][2])
+    uv_resized, _ = project_world(pts, item["K"][j], item["cam_from_world"][j])
+    np.testing.assert_allclose(uv_resized, uv_small * 2, atol=1e-9)
+    # nearest-neighbour depth: each 2 x 2 block of the resized map is one small-frame pixel
+    np.testing.assert_array_equal(item["depths"][j][::2, ::2], small["depths"][2])
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
+    prepared = ad.prepare_frames([item["frames"]], prompt="Describe.")  # one size: the model takes it
+    assert src.targets(prepared.layouts[0], item).target_tokens.shape[1] == 3

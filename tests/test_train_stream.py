@@ -98,3 +98,20 @@ def test_every_micro_batch_has_geometry_and_instructions_join_it(tmp_path, ratio
     assert len(answers) == int(8 * ratio)
     control = StepBatches(cfg, work_dir=tmp_path, geometry_parts=False)  # the LM-only control: no geometry
     assert [[p["kind"] for p in control[s]["parts"]] for s in range(8)] == [k[1:] for k in kinds]
+
+
+def test_the_stream_is_a_fresh_permutation_every_epoch():
+    from gasp_vlm.train.stream import _stream_index, shuffled_index
+
+    for n in (1, 2, 3, 7, 100, 1001, 4096):
+        for key in range(4):
+            assert sorted(shuffled_index(i, n, key) for i in range(n)) == list(range(n)), (n, key)
+    n = 97
+    epochs = [[_stream_index(e * n + i, n, seed=5) for i in range(n)] for e in range(3)]
+    assert all(sorted(ep) == list(range(n)) for ep in epochs)  # each epoch visits every item once
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(n))
+    assert epochs[0] == [_stream_index(i, n, seed=5) for i in range(n)]  # a pure function
+    assert epochs[0] != [_stream_index(i, n, seed=6) for i in range(n)]
+    # roughly uniform: where item 0 lands over many keys
+    firsts = np.bincount([shuffled_index(0, 10, k) for k in range(5000)], minlength=10)
+    assert firsts.min() > 400 and firsts.max() < 600

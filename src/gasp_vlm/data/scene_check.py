@@ -120,6 +120,10 @@ def format_summary(summaries: Iterable[SceneSummary], max_rows: int = 50) -> str
         lo = min(s.depth_range[0] for s in good)
         hi = max(s.depth_range[1] for s in good)
         lines.append(f"depth range: {lo:.3g} .. {hi:.3g}")
+    mixed = [s.name for s in good if len(s.resolutions) > 1]
+    if mixed:  # fine: sampling resizes each frame to its anchor's size (data/sequences.py resize_view)
+        lines.append(f"frames of several sizes in {len(mixed)} scene(s) ({', '.join(mixed[:5])}"
+                     f"{' ...' if len(mixed) > 5 else ''}): each sample resizes them to its anchor frame's size")
     for s in summaries:
         lines.extend(s.problems)
     return "\n".join(lines)

@@ -45,6 +45,26 @@ def window_frames(n_frames: int, anchor: int, count: int, radius: int, rng: np.r
     return rng.choice(cand, size=count, replace=True)
 
 
+def resize_view(image: np.ndarray, depth: np.ndarray, objects: np.ndarray | None, K: np.ndarray,
+                hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """One view resized to ``hw`` = (H, W): image bicubic; depth and object ids nearest (a depth is a
+    measurement, never blended across an edge); K scaled by (W/w, H/h), exact with pixel centres at
+    +0.5 (geometry/cameras.py). Non-uniform when the aspect ratios differ (a stretch, still a pinhole)."""
+    from PIL import Image
+
+    from gasp_vlm.geometry.cameras import scale_intrinsics
+
+    h0, w0 = depth.shape
+    h, w = int(hw[0]), int(hw[1])
+    img = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+    # nearest: the source pixel that contains each new pixel centre
+    rows = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
+    d = np.ascontiguousarray(depth[rows[:, None], cols[None, :]])
+    obj = None if objects is None else np.ascontiguousarray(objects[rows[:, None], cols[None, :]])
+    return img, d, obj, scale_intrinsics(K, w / w0, h / h0)
+
+
 # "one": the paper's single anchor frame per sequence; "all": every frame an anchor in turn.
 ANCHOR_MODES = ("one", "all")
 
@@ -133,12 +153,22 @@ class GeometrySequenceSource:
         return self._cache[key]
 
     def sample(self, index: int, num_frames: int) -> dict[str, Any]:
+        """Frames of a scene may differ in size: every frame is brought to the anchor frame's (H, W) by
+        ``resize_view`` (intrinsics scaled exactly), so a sample always has one size."""
         k, ids, pos = self.frame_ids(index, num_frames)
         sc = self.scenes[k]
+        frames = [self._read(k, "image", i) for i in ids]
+        depths = [self._read(k, "depth", i) for i in ids]
         objects = [self._read(k, "objects", i) for i in ids] if sc.has_objects else None
-        return dict(kind="geo", frames=[self._read(k, "image", i) for i in ids],
-                    depths=[self._read(k, "depth", i) for i in ids],
-                    K=sc.intrinsics[ids].copy(), cam_from_world=sc.cam_from_worlds[ids].copy(),
+        K = sc.intrinsics[ids].copy()
+        hw = frames[pos].shape[:2]
+        for j in range(len(ids)):
+            if frames[j].shape[:2] != hw:
+                frames[j], depths[j], obj, K[j] = resize_view(frames[j], depths[j], None if objects is None
+                                                              else objects[j], K[j], hw)
+                if objects is not None:
+                    objects[j] = obj
+        return dict(kind="geo", frames=frames, depths=depths, K=K, cam_from_world=sc.cam_from_worlds[ids].copy(),
                     scene=sc.name, frame_ids=ids, anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
 
     def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:

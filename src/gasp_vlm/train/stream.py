@@ -34,10 +34,42 @@ def is_instruction_step(step: int, ratio: float) -> bool:
     return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a fixed, well-mixing 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def shuffled_index(off: int, n: int, key: int) -> int:
+    """Position ``off`` of a pseudo-random permutation of range(n) chosen by ``key``, in O(1).
+
+    A 4-round Feistel network on the smallest even bit width covering n is a bijection on
+    [0, 2^bits); walking the cycle until the value falls below n restricts it to a bijection on
+    [0, n) (fewer than 4 steps on average). No per-call permutation of the whole set (1.75 M items
+    cost 0.16 s each that way)."""
+    if n <= 1:
+        return 0
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    lo_mask = (1 << half) - 1
+    x = off
+    while True:
+        left, right = x >> half, x & lo_mask
+        for r in range(4):
+            left, right = right, left ^ (_mix64((key * 4 + r) ^ (right << 20)) & lo_mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 def _stream_index(pos: int, n: int, seed: int) -> int:
+    """Item at position ``pos`` of an endless stream over n items that reshuffles every epoch."""
     epoch, off = divmod(pos, n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return int(perm[off])
+    return shuffled_index(off, n, _mix64(_mix64(seed & _MASK64) ^ epoch))
 
 
 class ConcatGeometry:
