@@ -23,6 +23,8 @@ def test_shipped_configs_load_with_paper_settings():
         assert cfg.optim.grad_clip == 1.0 and cfg.optim.schedule == "cosine"
         assert cfg.activation_checkpointing and cfg.model.dtype == "bfloat16"
         assert cfg.gasp.layers is None  # all decoder layers
+        # the whole objective in every step, one epoch over the geometry sequences
+        assert cfg.data.instruction_ratio == 1.0 and cfg.optim.epochs == 1.0
 
 
 def test_overrides_are_typed_and_dotted():

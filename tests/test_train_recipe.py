@@ -273,3 +273,20 @@ def test_model_flops_count_decoder_parameters():
     assert f["a"] == 6 * n_dec and f["b"] == 12 * 2 * ad.hidden_size  # frozen: no weight gradients
     ad.model.lm_head.weight.requires_grad_(True)
     assert flops_per_token(ad)["a"] == 6 * n_dec + 2 * ad.model.lm_head.weight.numel()
+
+
+def test_epochs_decide_the_run_length_and_resume_agrees(tmp_path, capsys):
+    """optim.epochs: passes over the geometry sequences -> max_steps = ceil(epochs·N / (B·world·accum))."""
+    r = GaspRecipe(tiny_cfg("optim.epochs=1", "optim.max_steps=999"), tmp_path / "a", progress=False)
+    assert r.cfg.optim.max_steps == 6  # 6 toy sequences, batch 1, one process
+    assert GaspRecipe(tiny_cfg("optim.epochs=1.5", "optim.grad_accum=2"), tmp_path / "b",
+                      progress=False).cfg.optim.max_steps == 5  # ceil(9 / 2)
+    train(tiny_cfg("optim.epochs=0.5"), tmp_path / "c", progress=False)
+    assert [x["step"] for x in read_log(tmp_path / "c")] == [1, 2, 3]
+    capsys.readouterr()
+    again = GaspRecipe(tiny_cfg("optim.epochs=0.5"), tmp_path / "c", resume=True, progress=False)
+    assert again.step == 3 and "WARNING" not in capsys.readouterr().out
+    from gasp_vlm.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'optim.epochs'"):
+        tiny_cfg("optim.epochs=0")

@@ -64,6 +64,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     max_steps: int = 1000
+    # passes over the geometry sequences; when set, it decides max_steps (recipe.steps_for_epochs)
+    epochs: float | None = None
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
     schedule: str = "cosine"  # cosine | constant
@@ -146,6 +148,7 @@ class TrainConfig:
             (self.data.instruction_ratio == 1 or bool(self.data.geometry), "data.geometry",
              "needs at least one geometry source (a scene folder or 'toy') unless instruction_ratio = 1"),
             (self.optim.max_steps > 0, "optim.max_steps", "must be > 0"),
+            (self.optim.epochs is None or self.optim.epochs > 0, "optim.epochs", "must be > 0 (or null: use max_steps)"),
             (self.data.batch_size > 0, "data.batch_size", "must be > 0"),
             (all(r in ("console", "tensorboard", "wandb") for r in self.report_to), "report_to",
              "entries must be console | tensorboard | wandb"),

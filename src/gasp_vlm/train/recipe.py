@@ -37,6 +37,7 @@ text), data-wait time and fraction, model TFLOP/s and MFU (train/watch.py), peak
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,17 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine", min_
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_for_epochs(cfg: TrainConfig, data: StepBatches, world: int) -> int:
+    """Optimizer steps for ``optim.epochs`` passes over the geometry sequences (the instruction set when
+    there is no geometry): each step takes batch_size × world × grad_accum sequences of the stream."""
+    if data.geometry is not None:
+        n, per_step = len(data.geometry), cfg.data.batch_size * world * cfg.optim.grad_accum
+    else:
+        n = len(data.instructions)
+        per_step = cfg.data.batch_size * world * cfg.optim.grad_accum * cfg.data.instruction_ratio
+    return max(1, math.ceil(cfg.optim.epochs * n / per_step))
 
 
 def _mixed_precision(precision: str) -> str:
@@ -159,6 +171,14 @@ class GaspRecipe:
             _fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
         set_seed(cfg.seed)  # same on every rank: identical LoRA init (DDP broadcasts anyway)
 
+        # the LM-only control loads no geometry parts (they carry no loss) unless told to
+        # (``geometry_parts=True``: the step-time benchmark's baseline forward on the same batches)
+        self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir,
+                                geometry_parts=not cfg.gasp.lm_only if geometry_parts is None else geometry_parts)
+        if cfg.optim.epochs is not None:  # before the resume check: the derived length is part of the config
+            self.cfg = cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
+                cfg.optim, max_steps=steps_for_epochs(cfg, self.data, acc.num_processes)))
+
         # resume=True: this run's latest checkpoint; a path: that checkpoint (e.g. an older intact one)
         resume_from = latest_checkpoint(self.out_dir) if resume is True else (Path(resume) if resume else None)
         if resume_from is not None:
@@ -167,10 +187,6 @@ class GaspRecipe:
                 self._print(f"WARNING: {warning}")
 
         self.adapter = adapter = load_model_adapter(cfg, acc.device)
-        # the LM-only control loads no geometry parts (they carry no loss) unless told to
-        # (``geometry_parts=True``: the step-time benchmark's baseline forward on the same batches)
-        self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir,
-                                geometry_parts=not cfg.gasp.lm_only if geometry_parts is None else geometry_parts)
 
         # Heads first: SVD of the pretrained q_proj, before LoRA/sharding. A resumed run overwrites
         # them from the checkpoint, so it skips the calibration forward.
