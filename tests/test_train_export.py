@@ -54,3 +54,87 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, pres
 
     res = CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
     assert res.exit_code != 0 and "already exists" in res.output
+
+
+def _export(tmp_path, preset: str):
+    cfg = config_from_dict({
+        "model": {"name": preset, "overrides": {"num_hidden_layers": 1}},
+        "lora": {"r": 4, "alpha": 8}, "gasp": {"d_hidden": 16, "d_out": 8, "calib_tokens": 0},
+        "optim": {"max_steps": 1}, "data": {"geometry": ["toy"], "toy_sequences": 2, "frames_min": 2, "frames_max": 2},
+        "report_to": []})
+    from gasp_vlm.train.export import export_checkpoint
+
+    ckpt = GaspRecipe(cfg, tmp_path / "run", progress=False).run()
+    return export_checkpoint(ckpt, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+def test_export_ships_the_processor_the_model_was_trained_with(tmp_path, preset):
+    """The export's image processor, chat template and generation config (loaded with plain transformers)
+    produce exactly the inputs of the adapter's own generation path: same pixels, same token ids."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+    from gasp_vlm.models import load_adapter
+
+    out = _export(tmp_path, preset)
+    ad = load_adapter(out)  # the export, as gasp eval loads it
+    files = json.loads((out / "gasp_export.json").read_text())["processor_files"]
+    assert all((out / f).is_file() for f in files) and "chat_template.jinja" in files
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8))
+    ours = ad._encode_generation({"prompt": "What is on the table?", "images": [image]})
+
+    ip = AutoImageProcessor.from_pretrained(out)
+    theirs = ip(images=[image], return_tensors="pt")
+    assert theirs["image_grid_thw"].tolist() == ours["image_grid_thw"].tolist()
+    torch.testing.assert_close(theirs["pixel_values"].float(), ours["pixel_values"].float(), rtol=0, atol=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is on the table?"}]}], add_generation_prompt=True, tokenize=False)
+    n = int(theirs["image_grid_thw"].prod()) // ip.merge_size ** 2  # what the processor expands the pad to
+    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), add_special_tokens=False)["input_ids"]
+    assert ids == ours["input_ids"][0].tolist()
+    video = json.loads((out / "video_preprocessor_config.json").read_text())
+    assert (video["min_pixels"], video["max_pixels"]) == (ad.min_pixels, ad.max_pixels) and not video["do_sample_frames"]
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") and gen.do_sample is False
+
+
+def test_llava_export_chat_template_matches_the_adapter(tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from gasp_vlm.models import load_adapter
+
+    out = _export(tmp_path, "tiny-llava-next-video")
+    ad = load_adapter(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": [
+        {"type": "video"}, {"type": "text", "text": "What happens?"}]}], add_generation_prompt=True, tokenize=False)
+    n = ad.grid * ad.grid * 3  # 3 frames of pooled tokens
+    ids = tok(text.replace("<video>", "<video>" * n), add_special_tokens=False)["input_ids"]
+    assert ids == ad._chat_ids(n, "What happens?", None)[0]
+    ip = AutoImageProcessor.from_pretrained(out)
+    assert ip.crop_size == {"height": ad.crop, "width": ad.crop} and list(ip.image_mean) == list(ad.image_mean)
+
+
+def test_export_loads_with_auto_processor_and_generates(tmp_path):
+    """The full ecosystem path (AutoProcessor + AutoModelForImageTextToText); the video processor classes
+    need torchvision, which this CPU image lacks (torch 2.13): runs where it is installed."""
+    pytest.importorskip("torchvision")
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = _export(tmp_path, "tiny-qwen2.5-vl")
+    proc = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    image = Image.fromarray(np.zeros((56, 56, 3), np.uint8))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=[image], return_tensors="pt")
+    out_ids = model.generate(**inputs, max_new_tokens=3)
+    assert out_ids.shape[1] > inputs["input_ids"].shape[1]
+    vids = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                "text": "Hi"}]}], add_generation_prompt=True)], videos=[[image, image, image, image]], return_tensors="pt")
+    assert model.generate(**vids, max_new_tokens=2).shape[1] > vids["input_ids"].shape[1]

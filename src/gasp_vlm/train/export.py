@@ -2,7 +2,8 @@
 
 The result is the base architecture with the trained weights -- same class, same parameter names and
 count as the base model (zero inference overhead, the paper's "discarded at inference"), saved as
-safetensors with its tokenizer, so ``Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)`` (or the
+safetensors with its tokenizer and processor files (image/video processor, chat template, generation
+config: models/processors.py), so ``Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)`` (or the
 LLaVA-NeXT-Video / Qwen2-VL class) loads it with no gasp-vlm code, and ``gasp eval --model DIR`` too.
 
 The directory is written to ``.tmp-<name>`` and renamed when complete (no partial exports).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gasp_vlm.models.processors import write_processor_files
 from gasp_vlm.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 PEFT_MARKERS = ("lora_", "base_layer", "modules_to_save")
@@ -50,10 +52,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         adapter.save_pretrained(tmp)
+        processor_files = write_processor_files(adapter, tmp)  # what AutoProcessor / lmms-eval / vLLM read
         (tmp / EXPORT_META).write_text(json.dumps({
             "source_checkpoint": str(ckpt.resolve()), "step": meta["step"], "family": adapter.family,
             "base_model": meta["model"]["name"], "finetune": meta["finetune"],
-            "heads_dropped": meta.get("heads") is not None,
+            "heads_dropped": meta.get("heads") is not None, "processor_files": processor_files,
             "num_parameters": sum(p.numel() for p in adapter.model.parameters())}, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no partial export left behind

@@ -1,0 +1,131 @@
+"""Processor files written beside an exported model, so the tools that score models load it as they load
+the base checkpoint: ``AutoProcessor.from_pretrained(dir)`` (lmms-eval, VLMEvalKit, vLLM) needs the
+image processor, the video processor, the chat template and the generation config, not just weights.
+
+Every value comes from the adapter the model was trained with (its pixel budget, normalisation, token
+grid, chat format), so the exported processor produces the inputs the adapter's own pixel path does
+(tests compare both). Written from the real transformers classes where they need no extra library;
+the video processor configs (whose classes need torchvision to instantiate) are plain JSON with the
+fields those classes read.
+
+Chat templates: written here for the adapters' own chat formats (models/qwen.py, llava_next_video.py);
+HF's template engine runs with trim_blocks/lstrip_blocks, so every character of output comes from a
+``{{ ... }}`` expression and no template whitespace leaks into the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Qwen chat format: system turn (default system prompt unless the conversation starts with one), each
+# message as <|im_start|>role\n ... <|im_end|>\n, images/videos as vision blocks holding one pad token
+# that the processor expands to the frame's token count.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# LLaVA-NeXT-Video (Vicuna) format: "{system} USER: <video>\n{text} ASSISTANT: {answer}</s>"
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}"
+    "{%- else -%}"
+    "{%- if loop.first -%}{{ 'A chat between a curious human and an artificial intelligence assistant.' }}"
+    "{%- endif -%}"
+    "{{ ' USER: ' if message['role'] == 'user' else ' ASSISTANT: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                   "llava_next_video": "LlavaNextVideoProcessor"}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _patch_json(path: Path, **fields: Any) -> None:
+    _write_json(path, {**json.loads(path.read_text()), **fields})
+
+
+def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
+    """Write the processor side of an export into ``out_dir`` (model + tokenizer already there) and
+    return the file names written. Pixel settings are the adapter's (the budget it was trained with)."""
+    out = Path(out_dir)
+    family = adapter.family
+    proc_cls = PROCESSOR_CLASS.get(family)
+    if proc_cls is None:
+        raise ValueError(f"no processor export for family {family!r} (supported: {', '.join(PROCESSOR_CLASS)})")
+    if family.startswith("qwen"):
+        from transformers import Qwen2VLImageProcessorPil
+
+        pixels = dict(min_pixels=adapter.min_pixels, max_pixels=adapter.max_pixels, patch_size=adapter.patch,
+                      temporal_patch_size=adapter.temporal, merge_size=adapter.merge,
+                      image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
+        Qwen2VLImageProcessorPil(**pixels).save_pretrained(out)
+        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
+        video = {**pixels, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": proc_cls,
+                 "size": {"shortest_edge": adapter.min_pixels, "longest_edge": adapter.max_pixels},
+                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "do_convert_rgb": True, "do_sample_frames": False}  # callers pick the frames, as in training
+        template = QWEN_CHAT_TEMPLATE
+    else:
+        from transformers import LlavaNextImageProcessorPil
+
+        crop = {"height": adapter.crop, "width": adapter.crop}
+        pixels = dict(size={"shortest_edge": adapter.crop}, crop_size=crop, do_center_crop=True,
+                      image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
+        LlavaNextImageProcessorPil(**pixels, image_grid_pinpoints=[[adapter.crop, adapter.crop]]).save_pretrained(out)
+        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
+        video = {**pixels, "video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": proc_cls,
+                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
+        template = LLAVA_CHAT_TEMPLATE
+    _write_json(out / "video_preprocessor_config.json", video)
+    (out / "chat_template.jinja").write_text(template)
+    # the tokenizer carries the template too (tokenizer.apply_chat_template without a processor)
+    cfg_path = out / "tokenizer_config.json"
+    if cfg_path.is_file():
+        _patch_json(cfg_path, chat_template=template, processor_class=proc_cls)
+    _write_generation_config(adapter, out)
+    return ["preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
+            "generation_config.json"]
+
+
+def _write_generation_config(adapter, out: Path) -> None:
+    """Greedy decoding that stops at the chat format's end-of-turn token (what the benchmarks use)."""
+    from transformers import GenerationConfig
+
+    tok = adapter.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if adapter.family.startswith("qwen") else tok.eos_token_id
+    GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id).save_pretrained(out)
