@@ -36,16 +36,19 @@ def test_answers_follow_geometry(tmp_path, dx, dz, words):
     _scene(tmp_path / "scenes" / "s0", dx, dz, near=1.23)
     js = make_scene_qa(tmp_path / "scenes", tmp_path / "qa", num_samples=2, num_frames=4, seed=0)
     recs = json.loads(js.read_text())
-    assert len(recs) == 2
-    conv = recs[0]["conversations"]
-    assert words in conv[1]["value"]
-    assert conv[3]["value"] == "About 1.2 meters."
+    assert len(recs) == 6 and all(len(r["conversations"]) == 2 for r in recs)  # 2 clips x 3 questions
+    assert [r["video"] for r in recs[:3]] == [recs[0]["video"]] * 3 and recs[3]["video"] != recs[0]["video"]
+    assert words in recs[0]["conversations"][1]["value"]
+    assert recs[1]["conversations"][1]["value"] == "About 1.2 meters."
     # object 6 (red box, depth <= 2 m) is closer than object 7 (blue sphere, 5 m)
-    assert conv[4]["value"].startswith("Which is closer") and conv[5]["value"] == "The red box."
+    q, a = recs[2]["conversations"]
+    assert q["value"].startswith("<video>\nWhich is closer") and a["value"] == "The red box."
     ds = InstructionSet(js)
-    assert len(ds) == 6  # 2 clips x 3 turn pairs
+    assert len(ds) == 6
     s = ds.sample(0, 4)
-    assert s["answer"] == conv[1]["value"] and len(s["frames"]) == 4 and s["frames"][0].shape == (32, 32, 3)
+    assert s["answer"] == recs[0]["conversations"][1]["value"] and len(s["frames"]) == 4
+    assert s["frames"][0].shape == (32, 32, 3)
+    assert s["turns"] == [("user", "Which way does the camera move?"), ("assistant", s["answer"])]
 
 
 def test_atomic_and_errors(tmp_path):

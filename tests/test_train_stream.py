@@ -80,7 +80,11 @@ def test_generated_instructions_label_only_answers(tmp_path):
     assert targets is None and rows.shape == (1, 1)
     labels = prepared.labels[0]
     answer = ad.tokenizer.decode(labels[labels != -100])
-    assert answer.strip().rstrip("<|im_end|>").strip() == batch["items"][0]["answer"]
+    # the whole conversation is one sample: both assistant turns carry labels, each with its <|im_end|>
+    item = batch["items"][0]
+    assistant = [t for r, t in item["turns"] if r == "assistant"]
+    assert len(assistant) == 2 and assistant[0] == item["answer"]
+    assert answer == "".join(a + "<|im_end|>" for a in assistant)
     assert (labels != -100).sum() < labels.numel() // 2  # the prompt and the video carry no labels
 
 

@@ -93,3 +93,27 @@ def build_bench_config(model_kind: str, hidden: int, layers: int, vision_depth: 
         "data": {"geometry": ["toy"], "frames_min": frames, "frames_max": frames, "frame_hw": [side, side]},
         "precision": precision, "activation_checkpointing": checkpointing, "report_to": [],
     })
+
+
+@bench.command("instructions")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Mixture YAML (or one LLaVA-Video JSON).")
+@click.option("--model", default=None, help="Also encode each sample for this model (preset, HF dir or hub id).")
+@click.option("--samples", type=int, default=8, show_default=True, help="Samples, in the stream's order.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="data.* settings, e.g. --set data.instruction_frames=32 --set data.video_seek=keyframe.")
+def instructions_cmd(data, model, samples, overrides) -> None:
+    """Per-sample decode time, CPU time and peak RSS over the loader's baseline, as JSON."""
+    from gasp_vlm.train.config import ConfigError, config_from_dict
+    from gasp_vlm.train.bench_instructions import benchmark_instructions
+    from gasp_vlm.train.instructions import InstructionFormatError
+
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise click.UsageError(f"--set {bad[0]}: only data.* keys apply here")
+    try:
+        cfg = config_from_dict({"data": {"geometry": ["toy"]}}, list(overrides)).data
+        res = benchmark_instructions(cfg, data, model=model, samples=samples)
+    except (ConfigError, InstructionFormatError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(res, indent=2))

@@ -12,7 +12,7 @@ maps, cameras and (when present) object maps and names in scene.json:
 
 Output (atomic: written to a temp folder, renamed at the end)::
 
-    <out>/instructions.json   [{"id", "video": "media/clip_XXXX", "conversations": [...]}, ...]
+    <out>/instructions.json   [{"id", "video": "media/clip_XXXX", "conversations": [q, a]}, ...]  one per question
     <out>/media/clip_XXXX/000.png ...
 """
 
@@ -95,7 +95,12 @@ def make_scene_qa(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, nu
             qa = _closer_question(sc, ids[0], rng)
             if qa is not None:
                 convo += [{"from": "human", "value": qa[0]}, {"from": "gpt", "value": qa[1]}]
-            records.append({"id": f"{sc.name}-{start:04d}", "video": f"media/{clip.name}", "conversations": convo})
+            # one record per question: short single-turn samples, the instruction stream the demo was
+            # measured with (real mixtures keep whole conversations, train/instructions/)
+            for j in range(0, len(convo), 2):
+                q = convo[j]["value"] if convo[j]["value"].startswith("<video>") else "<video>\n" + convo[j]["value"]
+                records.append({"id": f"{sc.name}-{start:04d}-q{j // 2}", "video": f"media/{clip.name}",
+                                "conversations": [{"from": "human", "value": q}, convo[j + 1]]})
         (tmp / "instructions.json").write_text(json.dumps(records, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no partial output

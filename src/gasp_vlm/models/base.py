@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from gasp_vlm.models.capture import CaptureResult, capture_visual_features
-from gasp_vlm.models.layout import TokenLayout
+from gasp_vlm.models.layout import FrameTransform, TokenLayout
 
 IGNORE_INDEX = -100  # label of positions without LM loss (HF convention)
 
@@ -58,6 +58,27 @@ def as_uint8_frames(frames: Sequence[Any], where: str = "frames") -> list[np.nda
     if len(sizes) > 1:
         raise ValueError(f"{where}: frames of mixed sizes {sorted(sizes)}; resize them to one size first")
     return out
+
+
+def as_turns(prompt: str | None, answer: str | None,
+             turns: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """The (role, text) turns of a sample: ``turns`` as given (user first, alternating), else the single
+    prompt (+ answer) pair. A trailing user turn leaves the assistant turn open (generation)."""
+    if turns is None:
+        return [("user", prompt or "")] + ([("assistant", answer)] if answer is not None else [])
+    turns = list(turns)
+    for k, (role, _) in enumerate(turns):
+        if role != ("user" if k % 2 == 0 else "assistant"):
+            raise ValueError(f"turn {k} has role {role!r}; turns must alternate user/assistant from a user turn")
+    if not turns:
+        raise ValueError("turns: empty conversation")
+    return turns
+
+
+def text_only_layout(family: str, mode: str, token_px: int) -> TokenLayout:
+    """The layout of a sample without media (no visual tokens)."""
+    return TokenLayout(family, mode, 0, (0, 0), token_px, (), torch.zeros(0, dtype=torch.long),
+                       FrameTransform((0, 0), (0, 0), (1.0, 1.0)))
 
 
 def pad_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +170,11 @@ class VLMAdapter:
                    for i, frames in enumerate(samples)]
         return self._collate(encoded)
 
-    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str) -> dict:
+    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str,
+                       turns: Sequence[tuple[str, str]] | None = None) -> dict:
+        """One sample -> dict(ids, labels, layout, pixels, ...). ``turns`` (role, text), user first, replaces
+        prompt/answer for a whole conversation: the media go before the first user text and every
+        assistant turn gets labels. ``frames`` may be empty (a text-only sample)."""
         raise NotImplementedError
 
     def _collate(self, encoded: list[dict]) -> PreparedBatch:

@@ -12,13 +12,13 @@ Token layout facts (checked by tests with pixel-encoded frames):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.qwen import CLIP_MEAN, CLIP_STD
 
@@ -56,16 +56,27 @@ class LlavaNextVideoAdapter(VLMAdapter):
     def _text(self, s: str) -> list[int]:
         return self.tokenizer.encode(s, add_special_tokens=False)
 
-    def _chat_ids(self, n_video_tokens: int, prompt: str | None, answer: str | None) -> tuple[list[int], list[int]]:
-        """Vicuna-style 'USER: <video>\\n{prompt} ASSISTANT:' with the video token expanded."""
+    def _chat_ids(self, n_video_tokens: int, prompt: str | None, answer: str | None,
+                  turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
+        """Vicuna-style '{system} USER: <video>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...' with the
+        video token expanded in the first user turn; labels cover each ' {answer}</s>'."""
+        turns = as_turns(prompt, answer, turns)
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        ids = bos + self._text(f"{self.system} USER: ") + [self.video_id] * n_video_tokens
-        ids += self._text(f"\n{prompt or ''} ASSISTANT:")
-        labels = [-100] * len(ids)
-        if answer is not None:
-            ans = self._text(f" {answer}") + [self.tokenizer.eos_token_id]
-            ids += ans
-            labels += ans
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (role, text) in enumerate(turns):
+            if role == "user":
+                if k == 0:  # system and first user text tokenized as one string, as before multi-turn
+                    head = bos + self._text(f"{self.system} USER: ") + [self.video_id] * n_video_tokens
+                    head += self._text(f"\n{text} ASSISTANT:")
+                else:
+                    head = self._text(f"USER: {text} ASSISTANT:")
+                ids += head
+                labels += [-100] * len(head)
+            else:
+                ans = self._text(f" {text}") + [self.tokenizer.eos_token_id]
+                ids += ans
+                labels += ans
         return ids, labels
 
     def _pixels(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, FrameTransform]:
@@ -82,10 +93,15 @@ class LlavaNextVideoAdapter(VLMAdapter):
         x = (x - torch.tensor(self.image_mean).view(1, 3, 1, 1)) / torch.tensor(self.image_std).view(1, 3, 1, 1)
         return x, tf
 
-    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str) -> dict:
+    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str,
+                       turns: Sequence[tuple[str, str]] | None = None) -> dict:
+        if not frames:  # text-only sample
+            ids, labels = self._chat_ids(0, prompt, answer, turns)
+            return {"ids": ids, "labels": labels, "pixels": None,
+                    "layout": text_only_layout(self.family, mode, self.patch * self.pool)}
         x, tf = self._pixels(frames)
         n = len(frames)
-        ids, labels = self._chat_ids(n * self.grid * self.grid, prompt, answer)
+        ids, labels = self._chat_ids(n * self.grid * self.grid, prompt, answer, turns)
         positions = torch.nonzero(torch.tensor(ids) == self.video_id).squeeze(1)
         layout = TokenLayout(self.family, mode, n, (self.grid, self.grid), self.patch * self.pool,
                              tuple((f,) for f in range(n)), positions, tf)
@@ -94,15 +110,21 @@ class LlavaNextVideoAdapter(VLMAdapter):
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
         ids, mask = pad_sequences([e["ids"] for e in encoded], self.tokenizer.pad_token_id)
         labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
-        if len({e["pixels"].shape for e in encoded}) > 1:
-            raise ValueError("all samples of a batch need the same number of frames")
-        inputs = {"input_ids": ids, "attention_mask": mask,
-                  "pixel_values_videos": torch.stack([e["pixels"] for e in encoded])}
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        pix = [e["pixels"] for e in encoded if e["pixels"] is not None]
+        if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
+            inputs["pixel_values_videos"] = torch.stack(pix)
+        elif pix:
+            # different frame counts (or text-only samples): one (1, sum T) video; the model scatters the
+            # frames' tokens over the video positions in row-major order, i.e. sample by sample
+            inputs["pixel_values_videos"] = torch.cat(pix)[None]
         has_answer = any(l != -100 for e in encoded for l in e["labels"])
         return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
 
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
         inputs = dict(batch.inputs)
+        if "pixel_values_videos" not in inputs:  # text-only batch
+            return inputs
         with torch.no_grad():
             pix = inputs.pop("pixel_values_videos").to(self.vision_module().dtype)
             inputs["mm_encoder_outputs"] = {"video": self.model.model.get_video_features(pix, return_dict=True)}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -115,28 +115,44 @@ class QwenVLAdapter(VLMAdapter):
     def _text(self, s: str) -> list[int]:
         return self.tokenizer.encode(s, add_special_tokens=False)
 
-    def _chat_ids(self, vision_blocks: list[tuple[str, int]], prompt: str | None,
-                  answer: str | None) -> tuple[list[int], list[int]]:
-        """Qwen chat format with vision blocks; returns (ids, labels)."""
+    def _chat_ids(self, vision_blocks: list[tuple[str, int]], prompt: str | None, answer: str | None,
+                  turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
+        """Qwen chat format with vision blocks in the first user turn; returns (ids, labels). Labels cover
+        each assistant turn's text and its <|im_end|> (not the role header, not the newline after it)."""
+        turns = as_turns(prompt, answer, turns)
         ids = [self.ids["im_start"]] + self._text(f"system\n{SYSTEM_PROMPT}") + [self.ids["im_end"]] + self._text("\n")
-        ids += [self.ids["im_start"]] + self._text("user\n")
-        for kind, n in vision_blocks:
-            ids += [self.ids["vision_start"]] + [self.ids[kind]] * n + [self.ids["vision_end"]]
-        ids += self._text(prompt or "") + [self.ids["im_end"]] + self._text("\n")
-        ids += [self.ids["im_start"]] + self._text("assistant\n")
         labels = [-100] * len(ids)
-        if answer is not None:
-            ans = self._text(answer) + [self.ids["im_end"]]
-            ids += ans
-            labels += ans
+        for k, (role, text) in enumerate(turns):
+            if role == "user":
+                head = [self.ids["im_start"]] + self._text("user\n")
+                if k == 0:
+                    for kind, n in vision_blocks:
+                        head += [self.ids["vision_start"]] + [self.ids[kind]] * n + [self.ids["vision_end"]]
+                head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
+                head += [self.ids["im_start"]] + self._text("assistant\n")
+                ids += head
+                labels += [-100] * len(head)
+            else:
+                ans = self._text(text) + [self.ids["im_end"]]
+                ids += ans
+                labels += ans
+                if k + 1 < len(turns):  # the newline between turns is template, not answer
+                    nl = self._text("\n")
+                    ids += nl
+                    labels += [-100] * len(nl)
         return ids, labels
 
     # ---- frames -> inputs ---------------------------------------------------------------------
     def _size(self, h: int, w: int, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
         return smart_resize(h, w, self.patch * self.merge, min_pixels or self.min_pixels, max_pixels or self.max_pixels)
 
-    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str) -> dict:
+    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str,
+                       turns: Sequence[tuple[str, str]] | None = None) -> dict:
         n = len(frames)
+        if n == 0:  # text-only sample
+            ids, labels = self._chat_ids([], prompt, answer, turns)
+            return {"ids": ids, "labels": labels, "pixels": None, "grids": None, "mode": mode,
+                    "layout": text_only_layout(self.family, mode, self.patch * self.merge)}
         orig_hw = frames[0].shape[:2]
         size = self._size(*orig_hw)
         x = normalize_frames(frames, size, self.image_mean, self.image_std)  # (T, 3, h, w)
@@ -159,7 +175,7 @@ class QwenVLAdapter(VLMAdapter):
         else:
             blocks = [("video_pad", gt * per_slot)]
             grids = torch.tensor([[gt, gh, gw]])
-        ids, labels = self._chat_ids(blocks, prompt, answer)
+        ids, labels = self._chat_ids(blocks, prompt, answer, turns)
         ids_t = torch.tensor(ids)
         pad_id = self.ids["image_pad" if mode == "images" else "video_pad"]
         positions = torch.nonzero(ids_t == pad_id).squeeze(1)
@@ -175,13 +191,15 @@ class QwenVLAdapter(VLMAdapter):
         type_ids[ids == self.ids["image_pad"]] = 1
         type_ids[ids == self.ids["video_pad"]] = 2
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": type_ids}
-        pixels = torch.cat([e["pixels"] for e in encoded])
-        grids = torch.cat([e["grids"] for e in encoded])
-        if encoded[0]["mode"] == "images":
-            inputs.update(pixel_values=pixels, image_grid_thw=grids)
-        else:
-            inputs.update(pixel_values_videos=pixels, video_grid_thw=grids,
-                          second_per_grid_ts=torch.ones(len(grids), dtype=torch.float32))
+        visual = [e for e in encoded if e["pixels"] is not None]  # text-only samples add no pixels
+        if visual:
+            pixels = torch.cat([e["pixels"] for e in visual])
+            grids = torch.cat([e["grids"] for e in visual])
+            if encoded[0]["mode"] == "images":
+                inputs.update(pixel_values=pixels, image_grid_thw=grids)
+            else:
+                inputs.update(pixel_values_videos=pixels, video_grid_thw=grids,
+                              second_per_grid_ts=torch.ones(len(grids), dtype=torch.float32))
         has_answer = any(l != -100 for e in encoded for l in e["labels"])
         return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
 

@@ -85,11 +85,21 @@ class DataConfig:
     # built-in toy source always anchors frame 0)
     anchors: str = "one"
     cache_frames: bool = False  # keep decoded scene frames in memory (small datasets such as the demo's)
-    instructions: str | None = None  # LLaVA-Video-178K style JSON, or "generated" (built-in toy set)
+    # a mixture YAML (train/instructions/mixture.py), one LLaVA-Video-178K style JSON, or "generated"
+    instructions: str | None = None
     generated_instructions: int = 32  # size of the "generated" set
-    media_root: str | None = None  # default: the JSON's folder
+    media_root: str | None = None  # single JSON only (a mixture names its own); default: the JSON's folder
     instruction_ratio: float = 0.0  # fraction of micro-batches that add an instruction part to their geometry part
-    instruction_frames: int = 8
+    instruction_frames: int = 8  # frames per video (uniform) or the cap (fps)
+    video_sampling: str = "uniform"  # uniform | fps (qwen-vl-utils' rule: video_fps frames per second, capped)
+    video_fps: float = 2.0
+    video_min_frames: int = 4  # fps sampling only
+    video_max_pixels: int | None = 448 * 448  # per decoded frame, aspect kept, resized while decoding
+    video_seek: str = "exact"  # exact frames | keyframe (nearest keyframe before each: much faster, approximate)
+    decode_threads: int = 1  # decoder threads per loader process
+    max_length: int | None = None  # instruction sample tokens; longer ones lose trailing turns (never visual tokens)
+    max_bad_media_fraction: float = 0.01  # stop when more of the instruction samples tried so far are bad
+    bad_media_min_tries: int = 100  # ...but only after this many were tried
     prompt: str = "Describe the scene."  # user text of geometry samples (they carry no answer)
     batch_size: int = 1
     num_workers: int = 0
@@ -144,7 +154,18 @@ class TrainConfig:
              "needs 1 <= frames_min <= frames_max"),
             (0.0 <= self.data.instruction_ratio <= 1.0, "data.instruction_ratio", "must be in [0, 1]"),
             (self.data.instruction_ratio == 0 or self.data.instructions, "data.instructions",
-             "instruction_ratio > 0 needs an instruction JSON"),
+             "instruction_ratio > 0 needs an instruction JSON or mixture YAML"),
+            (self.data.video_sampling in ("uniform", "fps"), "data.video_sampling", "must be uniform | fps"),
+            (self.data.video_seek in ("exact", "keyframe"), "data.video_seek", "must be exact | keyframe"),
+            (self.data.video_fps > 0, "data.video_fps", "must be > 0"),
+            (self.data.instruction_frames >= 1 and self.data.video_min_frames >= 1, "data.instruction_frames",
+             "instruction_frames and video_min_frames must be >= 1"),
+            (self.data.decode_threads >= 1, "data.decode_threads", "must be >= 1"),
+            (self.data.video_max_pixels is None or self.data.video_max_pixels >= 64, "data.video_max_pixels",
+             "must be >= 64 (or null: original size)"),
+            (self.data.max_length is None or self.data.max_length > 0, "data.max_length", "must be > 0 (or null)"),
+            (0.0 <= self.data.max_bad_media_fraction <= 1.0, "data.max_bad_media_fraction", "must be in [0, 1]"),
+            (self.data.bad_media_min_tries >= 1, "data.bad_media_min_tries", "must be >= 1"),
             (self.data.instruction_ratio == 1 or bool(self.data.geometry), "data.geometry",
              "needs at least one geometry source (a scene folder or 'toy') unless instruction_ratio = 1"),
             (self.optim.max_steps > 0, "optim.max_steps", "must be > 0"),

@@ -38,7 +38,6 @@ text), data-wait time and fraction, model TFLOP/s and MFU (train/watch.py), peak
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -49,9 +48,11 @@ from typing import Any
 import torch
 
 from gasp_vlm.method.gasp import GaspModel, Part, build_heads
+from gasp_vlm.train.bad_media import BadMediaTracker
 from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
                                        restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
+from gasp_vlm.train.engine import deepspeed_plugin, fill_deepspeed_auto, mixed_precision
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
 from gasp_vlm.train.resume import check_resume_config
 from gasp_vlm.train.stream import StepBatches, prepare_step
@@ -83,47 +84,6 @@ def steps_for_epochs(cfg: TrainConfig, data: StepBatches, world: int) -> int:
         n = len(data.instructions)
         per_step = cfg.data.batch_size * world * cfg.optim.grad_accum * cfg.data.instruction_ratio
     return max(1, math.ceil(cfg.optim.epochs * n / per_step))
-
-
-def _mixed_precision(precision: str) -> str:
-    if precision == "fp32":
-        return "no"
-    if precision == "bf16":
-        return "bf16"
-    # auto: bf16 only where it is fast (CUDA with bf16 support); CPU bf16 autocast is slower than fp32
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _deepspeed_plugin(cfg: TrainConfig):
-    """DeepSpeedPlugin from ``cfg.deepspeed`` with its "auto" fields filled from the config."""
-    if not cfg.deepspeed:
-        return None
-    from accelerate.utils import DeepSpeedPlugin
-
-    path = Path(cfg.deepspeed)
-    if not path.is_file():
-        raise ConfigError(f"config key 'deepspeed': {path} does not exist")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config key 'deepspeed': {path} is not valid JSON ({e})") from e
-    _fill_deepspeed_auto(ds, cfg)
-    return DeepSpeedPlugin(hf_ds_config=ds)
-
-
-def _fill_deepspeed_auto(ds: dict, cfg: TrainConfig) -> None:
-    """Fill DeepSpeed "auto" values that accelerate can only infer from a prepared DataLoader."""
-    fills = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
-             "gradient_accumulation_steps": cfg.optim.grad_accum,
-             "gradient_clipping": cfg.optim.grad_clip}
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
-    mp = _mixed_precision(cfg.precision)
-    for key, on in (("bf16", mp == "bf16"), ("fp16", False)):
-        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
-            ds[key]["enabled"] = on
 
 
 def load_model_adapter(cfg: TrainConfig, device: torch.device | str):
@@ -162,13 +122,13 @@ class GaspRecipe:
             # without CUDA, accelerate only recognises a torchrun/launch environment as multi-process
             # (gloo) when told it runs on CPU
             cpu=not torch.cuda.is_available(),
-            mixed_precision=_mixed_precision(cfg.precision),
+            mixed_precision=mixed_precision(cfg.precision),
             gradient_accumulation_steps=cfg.optim.grad_accum,
-            deepspeed_plugin=_deepspeed_plugin(cfg),
+            deepspeed_plugin=deepspeed_plugin(cfg),
             # every trainable parameter gets a gradient every step (heads: zero-weighted dummy calls)
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         if acc.state.deepspeed_plugin is not None and not cfg.deepspeed:  # launched with a DeepSpeed config
-            _fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
+            fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
         set_seed(cfg.seed)  # same on every rank: identical LoRA init (DDP broadcasts anyway)
 
         # the LM-only control loads no geometry parts (they carry no loss) unless told to
@@ -260,16 +220,18 @@ class GaspRecipe:
             print(msg, flush=True)
 
     # ---- one step --------------------------------------------------------------------------------
-    def micro_batch(self, index: int, raw: dict | None = None) -> list[Part]:
+    def micro_batch(self, index: int, raw: dict | None = None, stats: dict | None = None) -> list[Part]:
         """Micro-batch ``index`` -> its parts (geometry, then instruction), on device.
 
-        ``raw`` is ``self.data[index]`` when a DataLoader worker already loaded it."""
+        ``raw`` is ``self.data[index]`` when a DataLoader worker already loaded it; ``stats`` collects
+        the turns dropped to fit data.max_length (stream.prepare_conversations)."""
         batch = self.data[index] if raw is None else raw
         dev = self.accelerator.device
         parts = []
         for part in batch["parts"]:
             prepared, targets, rows = prepare_step(self.adapter, part, self.data.geometry, self.cfg.data.prompt,
-                                                   self.cfg.model.frame_mode)
+                                                   self.cfg.model.frame_mode, max_length=self.cfg.data.max_length,
+                                                   stats=stats)
             parts.append(Part(prepared.to(dev), targets, rows.to(dev) if rows is not None else None))
         return parts
 
@@ -277,7 +239,9 @@ class GaspRecipe:
         """Forward + backward of micro-batch ``index`` (gradients accumulate; no optimizer step): all its
         parts in one forward, so one backward carries L_LM + λ_corr·L_corr + λ_depth·L_depth."""
         t0 = time.perf_counter()
-        parts = self.micro_batch(index, raw)
+        raw = self.data[index] if raw is None else raw
+        stats: dict[str, int] = {}
+        parts = self.micro_batch(index, raw, stats)
         t_data = time.perf_counter() - t0
         # anchor subsampling: a generator seeded by the micro-step, so resume needs no extra state
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
@@ -292,7 +256,8 @@ class GaspRecipe:
         rec = {"kind": "".join(p.kind[0] for p in parts), "loss": out["loss"].detach().float().cpu(),
                "lm": out["lm"].float().cpu(), "corr": out["corr"].float().cpu(), "depth": out["depth"].float().cpu(),
                "n_pairs": float(out.get("n_pairs", zero).item()), "data_s": t_data,
-               "samples": sum(p.batch.inputs["input_ids"].shape[0] for p in parts), **token_counts(parts)}
+               "samples": sum(p.batch.inputs["input_ids"].shape[0] for p in parts), **token_counts(parts),
+               "bad_media_records": raw.get("bad_media", []), "turns_dropped": stats.get("turns_dropped", 0)}
         for k in ("per_layer_corr", "per_layer_depth"):
             if k in out:
                 rec[k] = out[k].detach().float().cpu()
@@ -330,6 +295,8 @@ class GaspRecipe:
         dt = time.perf_counter() - t0 + data_wait_s
         self.step = step + 1
         return {"step": self.step, **self._reduce_terms(micro), **rec,
+                "bad_media_records": [r for m in micro for r in m["bad_media_records"]],
+                "turns_dropped": sum(m["turns_dropped"] for m in micro),
                 "kinds": ",".join(m["kind"] for m in micro), "n_pairs": sum(m["n_pairs"] for m in micro),
                 **throughput(micro, dt, data_wait_s + sum(m["data_s"] for m in micro), self.accelerator,
                              self.flops_per_token)}
@@ -347,10 +314,14 @@ class GaspRecipe:
             vals = [m[key].reshape(-1) for m in ms if key in m]
             return torch.stack(vals).mean(0) if vals else torch.zeros(size or 1)
 
+        n_bad = torch.tensor([float(sum(len(m["bad_media_records"]) for m in micro))])
         flat = torch.cat([mean(k, carriers[k]) for k in ("loss", "lm", "corr", "depth")]
-                         + [mean(k, carriers["corr"], n_layers) for k in ("per_layer_corr", "per_layer_depth")])
+                         + [mean(k, carriers["corr"], n_layers) for k in ("per_layer_corr", "per_layer_depth")]
+                         + [n_bad])
         flat = self.accelerator.reduce(flat.to(self.accelerator.device), reduction="mean").tolist()
         out = dict(zip(("loss", "lm", "corr", "depth"), flat[:4]))
+        # the step's bad media over all ranks (a mean times the world: no second all-reduce)
+        out["bad_media"] = int(round(flat[-1] * self.accelerator.num_processes))
         if n_layers:
             out["corr_per_layer"] = flat[4:4 + n_layers]
             out["depth_per_layer"] = flat[4 + n_layers:4 + 2 * n_layers]
@@ -384,6 +355,8 @@ class GaspRecipe:
             log = JsonlLog(self.out_dir / "logs" / "train.jsonl", self.step if self.resumed_from else None)
             tb = self._tensorboard()
             wandb_run = self._wandb()
+        bad_media = BadMediaTracker(self.out_dir, cfg.data, acc.num_processes, main,
+                                    self.step if self.resumed_from else None, cfg.optim.grad_accum)
         bar = None
         if main and self.progress:
             from tqdm.auto import tqdm
@@ -398,6 +371,16 @@ class GaspRecipe:
                 t_wait = time.perf_counter()
                 raws = [next(prefetch) for _ in range(accum)] if prefetch is not None else None
                 rec = self.train_step(self.step, raws, data_wait_s=time.perf_counter() - t_wait)
+                records = rec.pop("bad_media_records")
+                if rec["bad_media"] and acc.num_processes > 1:  # rare: collect every rank's records
+                    from accelerate.utils import gather_object
+
+                    records = gather_object(records)
+                if main and records:
+                    (bar.write if bar is not None else print)(
+                        f"step {rec['step']}: skipped {len(records)} instruction sample(s) with bad media "
+                        f"(logged in {bad_media.path})")
+                bad_media.update(rec["step"], records, rec["bad_media"])
                 if main:
                     log.write(rec)
                     scalars = step_scalars(rec, self.heads.layer_indices if self.heads is not None else [],

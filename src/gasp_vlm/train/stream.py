@@ -12,12 +12,17 @@ frame counts of every micro-batch (same module calls everywhere: DDP/ZeRO never 
 - Sample indices: the k-th part of a kind takes global positions p = (k·world + rank)·B + j of an
   endless stream that reshuffles each epoch (permutation seeded by (seed, epoch)).
 - Frame count of a geometry part: uniform in [frames_min, frames_max], seeded by (seed, step).
+- Bad media: an instruction sample whose media is missing or undecodable (MediaError) is replaced by
+  shuffled_index(idx, n, key_k) for k = 1, 2, ... (a fixed sequence per index, so resume sees the same
+  replacement); each skipped one is reported in the batch's ``bad_media`` list, which the recipe
+  counts and logs (recipe.py: logs/bad_media.jsonl, data.max_bad_media_fraction).
 
 "step" here is the *micro*-step (the recipe asks for step·grad_accum + micro).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -28,6 +33,9 @@ import numpy as np
 import torch
 
 from gasp_vlm.train.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+MAX_MEDIA_TRIES = 32  # replacements tried for one bad sample before the stream gives up
 
 
 def is_instruction_step(step: int, ratio: float) -> bool:
@@ -144,8 +152,9 @@ def build_instructions(cfg: DataConfig, work_dir: str | Path | None = None):
 
     if not cfg.instructions or cfg.instruction_ratio <= 0:
         return None
+    video = video_options(cfg)
     if cfg.instructions != "generated":
-        return InstructionSet(cfg.instructions, cfg.media_root)
+        return InstructionSet(Path(cfg.instructions).expanduser(), cfg.media_root, video=video, seed=cfg.seed)
     if work_dir is None:
         raise ConfigError("data.instructions: 'generated' needs a work directory (the run's output dir)")
     final = Path(work_dir) / "instructions"
@@ -159,7 +168,43 @@ def build_instructions(cfg: DataConfig, work_dir: str | Path | None = None):
             os.replace(tmp, final)
         except OSError:  # another rank got there first; its set is identical
             shutil.rmtree(tmp, ignore_errors=True)
-    return InstructionSet(final / "instructions.json")
+    return InstructionSet(final / "instructions.json", video=video, seed=cfg.seed)
+
+
+def video_options(cfg: DataConfig):
+    """The decoding settings of ``cfg`` (train/instructions/video.py)."""
+    from gasp_vlm.train.instructions import VideoOptions
+
+    return VideoOptions(sampling=cfg.video_sampling, max_frames=cfg.instruction_frames, fps=cfg.video_fps,
+                        min_frames=cfg.video_min_frames, max_pixels=cfg.video_max_pixels, seek=cfg.video_seek,
+                        threads=cfg.decode_threads)
+
+
+def instruction_samples_requested(cfg: DataConfig, micro_steps: int, world: int) -> int:
+    """Instruction samples the stream asked for in micro-steps [0, micro_steps) on all ranks together
+    (each bad one adds one more try: tried = requested + bad)."""
+    return math.floor(micro_steps * cfg.instruction_ratio + 1e-9) * cfg.batch_size * world
+
+
+def robust_instruction_sample(src, pos: int, seed: int, num_frames: int | None = None) -> tuple[dict, list[dict]]:
+    """The instruction item at stream position ``pos``, skipping bad media (module docstring).
+
+    Returns (item, bad) with one record dict(file, error, index, pos) per skipped sample."""
+    from gasp_vlm.train.instructions import InstructionFormatError, MediaError
+
+    n = len(src)
+    idx = _stream_index(pos, n, seed)
+    bad: list[dict] = []
+    for k in range(1, MAX_MEDIA_TRIES + 1):
+        try:
+            return src.sample(idx, num_frames), bad
+        except MediaError as e:
+            path = src.media_path(idx) if hasattr(src, "media_path") else None
+            bad.append({"file": str(path) if path else None, "error": str(e), "index": idx, "pos": pos})
+            idx = shuffled_index(idx, n, _mix64(_mix64(seed & _MASK64) ^ (k * 0x5851F42D4C957F2D)))
+    raise InstructionFormatError(
+        f"instruction stream position {pos}: {MAX_MEDIA_TRIES} samples in a row have bad media (last: "
+        f"{bad[-1]['error']}); check data.instructions and the media roots")
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -193,6 +238,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict:
         c = self.cfg
         parts = []
+        bad: list[dict] = []  # instruction samples skipped for bad media (robust_instruction_sample)
         for kind in self.kinds(step):
             instr = kind == "instr"
             src = self.instructions if instr else self.geometry
@@ -202,34 +248,63 @@ class StepBatches(torch.utils.data.Dataset):
             items = []
             for j in range(c.batch_size):
                 pos = (k * self.world + self.rank) * c.batch_size + j
-                idx = _stream_index(pos, len(src), c.seed + (1000 if instr else 0))
-                items.append(src.sample(idx, n_frames))
+                if instr:
+                    item, skipped = robust_instruction_sample(src, pos, c.seed + 1000, n_frames)
+                    bad += skipped
+                    items.append(item)
+                else:
+                    items.append(src.sample(_stream_index(pos, len(src), c.seed), n_frames))
             parts.append(dict(kind=kind, items=items))
-        return dict(step=step, parts=parts)
+        return dict(step=step, parts=parts, bad_media=bad)
 
 
-def prepare_step(adapter, batch: dict, geometry, prompt: str, frame_mode: str | None = None):
-    """One part of a step batch (dict(kind, items)) -> (PreparedBatch, targets list | None, rows | None)."""
+def prepare_step(adapter, batch: dict, geometry, prompt: str, frame_mode: str | None = None,
+                 max_length: int | None = None, stats: dict | None = None):
+    """One part of a step batch (dict(kind, items)) -> (PreparedBatch, targets list | None, rows | None).
+
+    ``max_length`` / ``stats``: see prepare_conversations."""
     items = batch["items"]
     if batch["kind"] == "geo":
         prepared = adapter.prepare_frames([it["frames"] for it in items], prompt=prompt, frame_mode=frame_mode)
         targets = [geometry.targets(lay, it) for lay, it in zip(prepared.layouts, items)]
         return prepared, targets, None
-    prepared = prepare_conversations(adapter, items, frame_mode)
+    prepared = prepare_conversations(adapter, items, frame_mode, max_length=max_length, stats=stats)
     # Instruction samples have no correspondences; the heads read one position per sample (zero loss).
     rows = torch.zeros(len(items), 1, dtype=torch.long)
     return prepared, None, rows
 
 
-def prepare_conversations(adapter, items: Sequence[dict], frame_mode: str | None = None):
-    """Per-sample prompts + answers -> PreparedBatch (labels on answer tokens only).
+def prepare_conversations(adapter, items: Sequence[dict], frame_mode: str | None = None,
+                          max_length: int | None = None, stats: dict | None = None):
+    """Per-sample conversations -> PreparedBatch (labels on every assistant turn, nothing else).
 
-    ``adapter.prepare_frames`` takes one prompt for the whole batch; instruction batches need one per
-    sample, so this encodes each sample with the adapter's own encoder and collates them.
+    An item holds ``frames`` (may be empty: text only) and ``turns`` [(role, text), ...] or a single
+    ``prompt`` + ``answer``. A sample longer than ``max_length`` tokens loses trailing (user, assistant)
+    turn pairs until it fits -- visual tokens are never cut; one that does not fit even with its first
+    pair is kept whole. Each such sample is logged, and counted in ``stats`` (turns_dropped,
+    samples_shortened, samples_over_length) when given.
     """
     from gasp_vlm.models.base import as_uint8_frames
 
     mode = frame_mode or adapter.frame_mode
-    encoded = [adapter._encode_sample(as_uint8_frames(it["frames"], f"sample {i}"), it["prompt"], it["answer"], mode)
-               for i, it in enumerate(items)]
+    encoded = []
+    for i, it in enumerate(items):
+        frames = as_uint8_frames(it["frames"], f"sample {i}") if len(it["frames"]) else []
+        turns = [tuple(t) for t in it["turns"]] if it.get("turns") else None
+        enc = adapter._encode_sample(frames, it.get("prompt"), it.get("answer"), mode, turns=turns)
+        if max_length is not None and len(enc["ids"]) > max_length and turns:
+            full, keep = len(enc["ids"]), len(turns)
+            while len(enc["ids"]) > max_length and keep > 2:
+                keep -= 2
+                enc = adapter._encode_sample(frames, None, None, mode, turns=turns[:keep])
+            dropped = len(turns) - keep
+            fits = len(enc["ids"]) <= max_length
+            log.warning("instruction sample %s: %d tokens > data.max_length %d: dropped its last %d turns%s",
+                        it.get("id") or it.get("media") or i, full, max_length, dropped,
+                        "" if fits else f", still {len(enc['ids'])} tokens (visual tokens are never cut)")
+            if stats is not None:
+                stats["turns_dropped"] = stats.get("turns_dropped", 0) + dropped
+                stats["samples_shortened"] = stats.get("samples_shortened", 0) + (dropped > 0)
+                stats["samples_over_length"] = stats.get("samples_over_length", 0) + (not fits)
+        encoded.append(enc)
     return adapter._collate(encoded)
