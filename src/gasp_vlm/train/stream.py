@@ -74,10 +74,16 @@ def shuffled_index(off: int, n: int, key: int) -> int:
             return x
 
 
+def _permutation_key(seed: int, salt: int) -> int:
+    """Feistel key of one permutation: a hash of the seed and what the permutation is for (an epoch, a
+    bad-media retry)."""
+    return _mix64(_mix64(seed & _MASK64) ^ salt)
+
+
 def _stream_index(pos: int, n: int, seed: int) -> int:
     """Item at position ``pos`` of an endless stream over n items that reshuffles every epoch."""
     epoch, off = divmod(pos, n)
-    return shuffled_index(off, n, _mix64(_mix64(seed & _MASK64) ^ epoch))
+    return shuffled_index(off, n, _permutation_key(seed, epoch))
 
 
 class ConcatGeometry:
@@ -201,7 +207,7 @@ def robust_instruction_sample(src, pos: int, seed: int, num_frames: int | None =
         except MediaError as e:
             path = src.media_path(idx) if hasattr(src, "media_path") else None
             bad.append({"file": str(path) if path else None, "error": str(e), "index": idx, "pos": pos})
-            idx = shuffled_index(idx, n, _mix64(_mix64(seed & _MASK64) ^ (k * 0x5851F42D4C957F2D)))
+            idx = shuffled_index(idx, n, _permutation_key(seed, k * 0x5851F42D4C957F2D))
     raise InstructionFormatError(
         f"instruction stream position {pos}: {MAX_MEDIA_TRIES} samples in a row have bad media (last: "
         f"{bad[-1]['error']}); check data.instructions and the media roots")
