@@ -144,3 +144,28 @@ def load_tree(stem: str | os.PathLike) -> Any:
         return _decode(encoded, load_file(str(st)))
     except KeyError as e:
         raise StateFileError(f"{js}: names tensor {e} that {st.name} does not hold") from None
+
+
+class atomic_directory:
+    """``with atomic_directory(out) as tmp:`` fill ``tmp``; on success it replaces ``out`` in one rename,
+    on any error it is removed and ``out`` is left as it was (never a half-written folder)."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out = Path(out_dir)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp")
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        shutil.rmtree(self.out, ignore_errors=True)
+        os.replace(self.tmp, self.out)

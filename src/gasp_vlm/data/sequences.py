@@ -81,7 +81,10 @@ class GeometrySequenceSource:
     def __init__(self, root: str | os.PathLike, frames_window: int = 48, grid: str = "coarse", seed: int = 0,
                  anchor_stride: int = 1, fine_per_token: int = 2, anchor_first: bool = False,
                  rel_tol: float = 0.05, min_valid_fraction: float = 0.5, anchors: str = "one",
-                 cache_frames: bool = False) -> None:
+                 cache_frames: bool = False, forward_stride: int | None = None) -> None:
+        # forward_stride: the paper's diagnostic clip (§5.3) instead of a window sample -- the anchor is the
+        # clip's first frame and the others follow it at anchor + s, + 2s, ... (gaps that grow along the
+        # clip); a clip that would run past the scene's end starts earlier, so it ends on the last frame
         # cache_frames: keep decoded images/depths/object maps in memory (small datasets, e.g. the demo's:
         # PNG decoding otherwise costs as much as a tiny model's training step)
         self._cache: dict[tuple[int, str, int], np.ndarray] | None = {} if cache_frames else None
@@ -99,6 +102,9 @@ class GeometrySequenceSource:
         self.radius, self.grid, self.seed = int(frames_window), grid, int(seed)
         self.anchor_stride, self.fine_per_token = int(anchor_stride), int(fine_per_token)
         self.anchor_first, self.rel_tol, self.min_valid_fraction = anchor_first, rel_tol, min_valid_fraction
+        if forward_stride is not None and forward_stride < 1:
+            raise ValueError(f"forward_stride must be >= 1, got {forward_stride}")
+        self.forward_stride = forward_stride
         counts = [-(-s.num_frames // self.anchor_stride) for s in self.scenes]  # ceil
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -110,7 +116,7 @@ class GeometrySequenceSource:
         return (f"GeometrySequenceSource(root={self.root}, scenes={[s.name for s in self.scenes]}, seed={self.seed}, "
                 f"radius={self.radius}, grid={self.grid}, fine_per_token={self.fine_per_token}, "
                 f"anchor_stride={self.anchor_stride}, anchor_first={self.anchor_first}, rel_tol={self.rel_tol}, "
-                f"min_valid_fraction={self.min_valid_fraction})")
+                f"min_valid_fraction={self.min_valid_fraction}, forward_stride={self.forward_stride})")
 
     def __repr__(self) -> str:
         return f"GeometrySequenceSource({str(self.root)!r}, {len(self.scenes)} scenes, {len(self)} sequences)"
@@ -127,6 +133,8 @@ class GeometrySequenceSource:
         window |i - anchor| <= radius inside the scene. A ``num_frames`` above this repeats frames
         (``window_frames`` then samples with replacement, fine for training, wrong for a diagnostic)."""
         k, anchor = self.locate(index)
+        if self.forward_stride:
+            return (self.scenes[k].num_frames - 1) // self.forward_stride + 1
         lo, hi = max(0, anchor - self.radius), min(self.scenes[k].num_frames - 1, anchor + self.radius)
         return hi - lo + 1
 
@@ -135,6 +143,10 @@ class GeometrySequenceSource:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         k, anchor = self.locate(index)
+        if self.forward_stride:
+            n, step = self.scenes[k].num_frames, self.forward_stride
+            start = max(0, min(anchor, n - 1 - (num_frames - 1) * step))
+            return k, [min(n - 1, start + j * step) for j in range(num_frames)], 0
         rng = np.random.default_rng([self.seed, int(index)])
         others = window_frames(self.scenes[k].num_frames, anchor, num_frames - 1, self.radius, rng)
         if self.anchor_first:

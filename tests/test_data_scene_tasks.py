@@ -1,0 +1,110 @@
+"""data/scene_tasks.py: every task's answer follows from the scene (recomputed here independently),
+the set is written in the LLaVA layout the trainer reads, and nothing half-written is left on failure."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gasp_vlm.data import scene_tasks as T
+from gasp_vlm.data.scene import load_scene
+from gasp_vlm.data.synth import synth_dataset
+from gasp_vlm.geometry.cameras import camera_center
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rooms")
+    synth_dataset(root, 2, num_frames=10, size=112, seed=5, camouflage_fraction=0.5, progress=False)
+    return root
+
+
+def _solids_seen(scene, f):
+    obj = scene.objects(f)
+    kinds = {o["id"]: o["kind"] for o in scene.meta["objects"]}
+    ids, counts = np.unique(obj, return_counts=True)
+    return {int(i) for i, c in zip(ids, counts) if kinds.get(int(i)) in T.SHAPES and c >= 0.02 * obj.size}
+
+
+def test_normalize_answer_is_the_exact_match_rule():
+    assert T.normalize_answer("The rocket box.") == "rocket box"
+    assert T.normalize_answer("  Left!\nbecause ...") == "left"
+    assert T.normalize_answer("3") == "3"
+    assert T.normalize_answer("") == ""
+    assert T.normalize_answer("a sphere") == "sphere"
+    assert T.normalize_answer("another box") == "another box"  # only a whole leading article goes
+
+
+def test_answers_follow_from_the_scene(rooms):
+    sc = load_scene(sorted(rooms.iterdir())[0])
+    rng = np.random.default_rng(0)
+    for f in range(sc.num_frames):
+        seen = _solids_seen(sc, f)
+        assert T.task_count(sc, f, rng) == ("How many objects are in the image?", str(len(seen)))
+        q, a = T.task_presence(sc, f, rng)
+        shape = q.split("a ")[-1].split(" in")[0]
+        kinds = {o["id"]: o["kind"] for o in sc.meta["objects"]}
+        assert a == ("yes" if any(kinds[i] == shape for i in seen) else "no")
+    ids = [0, 3, 6, 9]
+    union = set().union(*(_solids_seen(sc, f) for f in ids))
+    assert T.task_count_views(sc, ids, rng)[1] == str(len(union))
+    # camera motion: the sign of the displacement along the first camera's x axis; reversed clip flips it
+    fw, bw = T.task_motion(sc, ids, rng), T.task_motion(sc, ids[::-1], rng)
+    d = sc.cam_from_worlds[0][:, :3] @ (camera_center(sc.cam_from_worlds[9]) - camera_center(sc.cam_from_worlds[0]))
+    assert fw[1] == ("right" if d[0] > 0 else "left")
+    assert {fw[1], bw[1]} == {"left", "right"}
+    # same surface: the object id under the centre pixel of the first and the last frame
+    first, last = sc.objects(ids[0]), sc.objects(ids[-1])
+    same = first[56, 56] == last[56, 56]
+    assert T.task_same_surface(sc, ids, rng)[1] == ("yes" if same else "no")
+
+
+def test_closer_names_the_object_with_the_smaller_median_depth(rooms):
+    for d in sorted(rooms.iterdir()):
+        sc = load_scene(d)
+        names = T.object_names(sc)
+        rng = np.random.default_rng(1)
+        for start in range(sc.num_frames):
+            qa = T.task_closer(sc, [start], rng)
+            if qa is None:
+                continue
+            q, a = qa
+            a_name, b_name = q.split("the ")[-2].removesuffix(" or "), q.split("the ")[-1].removesuffix("?")
+            by_name = {v: k for k, v in names.items()}
+            depth, obj = sc.depth(start), sc.objects(start)
+            med = {n: np.median(depth[(obj == by_name[n]) & (depth > 0)]) for n in (a_name, b_name)}
+            assert a == min(med, key=med.get)
+            return
+    pytest.fail("no closer question could be asked in the fixture rooms")
+
+
+def test_task_set_is_read_by_the_trainers_instruction_loader(rooms, tmp_path):
+    from gasp_vlm.train.instructions.dataset import InstructionSet as InstructionDataset
+
+    counts = {"count": 3, "presence": 3, "motion": 3, "same_surface": 2}
+    path = T.make_task_set(rooms, tmp_path / "qa", counts, num_frames=3, clip_stride=3, seed=0)
+    recs = T.load_task_set(path)
+    assert sorted(r["task"] for r in recs) == sorted(t for t, n in counts.items() for _ in range(n))
+    ds = InstructionDataset(path)
+    for i, rec in enumerate(recs):
+        s = ds.sample(i, num_frames=3)
+        assert s["answer"] == rec["answer"] and "<" not in s["prompt"]
+        assert len(s["frames"]) == (1 if rec["task"] in T.FRAME_TASKS else 3)
+        # the frames on disk are the scene's frames named in the record
+        sc = load_scene(rooms / rec["scene"])
+        np.testing.assert_array_equal(s["frames"][0], sc.image(rec["frames"][0]))
+    # deterministic in the seed
+    again = T.make_task_set(rooms, tmp_path / "qa2", counts, num_frames=3, clip_stride=3, seed=0)
+    strip = lambda p: [{k: v for k, v in r.items()} for r in json.loads(p.read_text())]  # noqa: E731
+    assert strip(again) == strip(path)
+
+
+def test_bad_requests_leave_nothing_behind(rooms, tmp_path):
+    with pytest.raises(ValueError, match="unknown tasks"):
+        T.make_task_set(rooms, tmp_path / "qa", {"depth_guess": 2})
+    with pytest.raises(T.SceneError, match="fewer frames"):
+        T.make_task_set(rooms, tmp_path / "qa", {"motion": 2}, num_frames=6, clip_stride=3)
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "x.json").write_text('{"not": "a list"}')
+    with pytest.raises(T.SceneError, match="not a task set"):
+        T.load_task_set(tmp_path / "x.json")
