@@ -65,22 +65,29 @@ def test_distinct_frames_at_scene_edges_and_middle(scenes):
 
 def test_frames_above_the_window_are_refused_before_loading_a_model(scenes, tmp_path, no_model):
     out = tmp_path / "o"
-    r = _diagnose("--data", str(scenes), "--frames", "6", "--sequences", "1", "--out", str(out))
+    r = _diagnose("--data", str(scenes), "--clip", "window", "--frames", "6", "--sequences", "1", "--out", str(out))
     assert r.exit_code == 1, r.output
     assert ("--frames 6: scene scene_0000 gives at most 5 distinct frames around anchor 0 (window \u00b148); "
             "use --frames <= 5") in r.output
     assert "Traceback" not in r.output and not out.exists()
     # the largest --frames that works is the minimum over the requested sequences; the scene named is the short one
-    r = _diagnose("--data", str(scenes), "--frames", "4", "--sequences", "2", "--stride", "5", "--out", str(out))
+    r = _diagnose("--data", str(scenes), "--clip", "window", "--frames", "4", "--sequences", "2", "--stride", "5",
+                  "--out", str(out))
     assert r.exit_code == 1, r.output
     assert "scene scene_0001 gives at most 3 distinct frames around anchor 0" in r.output
     assert "1 of the 2 requested sequences" in r.output and "use --frames <= 3" in r.output
+    assert not out.exists()
+    # the default forward clips (the paper's): the scene's length over the gap stride is the bound
+    r = _diagnose("--data", str(scenes), "--frames", "4", "--start", "5", "--sequences", "1", "--out", str(out))
+    assert r.exit_code == 1, r.output
+    assert "--frames 4: scene scene_0001 has only 3 frames; use --frames <= 3" in r.output
     assert not out.exists()
 
 
 def test_frames_equal_to_the_limit_runs_with_distinct_frames(scenes, tmp_path):
     out = tmp_path / "o"
-    r = _diagnose("--data", str(scenes), "--frames", "3", "--start", "5", "--sequences", "1", "--out", str(out))
+    r = _diagnose("--data", str(scenes), "--clip", "window", "--frames", "3", "--start", "5", "--sequences", "1",
+                  "--out", str(out))
     assert r.exit_code == 0, r.output
     assert (out / "report.json").is_file()
     with np.load(out / "points.npz", allow_pickle=False) as z:

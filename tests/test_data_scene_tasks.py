@@ -68,8 +68,9 @@ def test_closer_names_the_object_with_the_smaller_median_depth(rooms):
             qa = T.task_closer(sc, [start], rng)
             if qa is None:
                 continue
-            q, a = qa
+            q, a, choices = qa
             a_name, b_name = q.split("the ")[-2].removesuffix(" or "), q.split("the ")[-1].removesuffix("?")
+            assert choices == [a_name, b_name]
             by_name = {v: k for k, v in names.items()}
             depth, obj = sc.depth(start), sc.objects(start)
             med = {n: np.median(depth[(obj == by_name[n]) & (depth > 0)]) for n in (a_name, b_name)}
@@ -90,6 +91,8 @@ def test_task_set_is_read_by_the_trainers_instruction_loader(rooms, tmp_path):
         s = ds.sample(i, num_frames=3)
         assert s["answer"] == rec["answer"] and "<" not in s["prompt"]
         assert len(s["frames"]) == (1 if rec["task"] in T.FRAME_TASKS else 3)
+        # spatial records carry their closed answer set (the answer among them); general ones none
+        assert (rec["answer"] in rec["choices"]) if rec["task"] in T.CLIP_TASKS else ("choices" not in rec)
         # the frames on disk are the scene's frames named in the record
         sc = load_scene(rooms / rec["scene"])
         np.testing.assert_array_equal(s["frames"][0], sc.image(rec["frames"][0]))

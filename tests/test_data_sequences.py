@@ -82,6 +82,22 @@ def test_index_space_and_determinism(dataset_dir):
         src.sample(125, 9)
 
 
+def test_forward_clips_start_at_the_anchor_with_growing_gaps(dataset_dir):
+    """The paper's diagnostic clip: anchor first, then anchor + s, + 2s, ...; near the scene's end the clip
+    starts earlier (ending on the last frame); a scene too short for s apart takes the largest step that fits."""
+    src = GeometrySequenceSource(dataset_dir, seed=3, forward_stride=3)
+    assert src.frame_ids(10, 5) == (0, [10, 13, 16, 19, 22], 0)
+    assert src.frame_ids(118, 5) == (0, [107, 110, 113, 116, 119], 0)  # ends on frame 119
+    it = src.sample(10, 5)
+    assert it["anchor"] == 0 and it["frame_ids"] == [10, 13, 16, 19, 22]
+    # b_short has 5 frames: 3 frames 3 apart do not fit, 2 apart do; 5 frames need a step of 1
+    assert src.frame_ids(120, 3) == (1, [0, 2, 4], 0) and src.frame_ids(120, 5) == (1, [0, 1, 2, 3, 4], 0)
+    assert src.distinct_frames(120) == 5 and src.distinct_frames(3) == 120
+    assert "forward_stride=3" in src.describe()
+    with pytest.raises(ValueError, match="forward_stride"):
+        GeometrySequenceSource(dataset_dir, forward_stride=0)
+
+
 def test_targets_and_dataset_feed_the_losses(dataset_dir):
     from torch import nn
 

@@ -161,3 +161,43 @@ def test_lm_head_runs_only_at_answer_positions_with_the_same_loss_and_gradients(
     geo = ad.prepare_frames([frames(2)], prompt="Describe the scene.")  # no answer: no LM loss
     cap = ad.forward_capture(geo)
     assert cap.loss is None and cap.logits.shape == (1, 1, ref.logits.shape[-1])
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-next-video"])
+def test_batched_generation_equals_one_by_one(preset):
+    """generate_frames left-pads: a batch of prompts of different lengths gives each prompt the greedy
+    answer it gets alone."""
+    ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
+    clips = [frames(2, seed=3), frames(2, seed=4), frames(2, seed=5)]
+    prompts = ["Which way?", "How many objects appear across these frames of the room?", "Same?"]
+    batched = ad.generate_frames(clips, prompts, max_new_tokens=4)
+    alone = [ad.generate_frames([c], [p], max_new_tokens=4)[0] for c, p in zip(clips, prompts)]
+    assert batched == alone and all(isinstance(b, str) for b in batched)
+    with pytest.raises(ValueError, match="2 frame lists for 3 prompts"):
+        ad.generate_frames(clips[:2], prompts, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-next-video"])
+def test_choice_scores_are_answer_log_likelihoods(preset):
+    """score_choices == the summed log-softmax of HF's full logits at the answer tokens (end of turn
+    included), computed one pair at a time; batching pairs of different lengths changes nothing."""
+    from gasp_vlm.models.base import IGNORE_INDEX
+
+    ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
+    clips = [frames(2, seed=6), frames(2, seed=7)]
+    prompts = ["Does the camera move left or right?", "Which is closer, the rocket box or the marble sphere?"]
+    choices = [["left", "right"], ["rocket box", "marble sphere"]]
+    got = ad.score_choices(clips, prompts, choices)
+    for i, cs in enumerate(choices):
+        for j, c in enumerate(cs):
+            b = ad.prepare_frames([clips[i]], prompt=prompts[i], answers=[c])
+            with torch.no_grad():
+                logits = ad.model(**b.inputs, use_cache=False).logits[0, :-1].float()
+            tgt = b.labels[0, 1:]
+            m = tgt != IGNORE_INDEX
+            assert int(m.sum()) >= 2  # the answer and the end of the turn
+            ref = torch.log_softmax(logits[m], -1).gather(1, tgt[m][:, None]).sum()
+            assert got[i][j] == pytest.approx(float(ref), abs=1e-3)
+    assert all(x < 0 for row in got for x in row)
+    with pytest.raises(ValueError, match="without candidate"):
+        ad.score_choices(clips[:1], prompts[:1], [[]])

@@ -10,9 +10,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gasp_vlm" / "configs"
 
 
 def test_shipped_configs_load_with_paper_settings():
+    # the miniature: stage 0 pretrains the base (full fine-tuning, LM only), stage 1 is GASP with LoRA on it
+    base = load_config(CONFIGS / "demo_base.yaml")
+    assert base.model.name == "tiny-qwen2.5-vl" and base.data.geometry == []
+    assert base.lora.enabled is False and base.finetune == "full"
+    assert base.gasp.lambda_corr == base.gasp.lambda_depth == 0.0
     demo = load_config(CONFIGS / "demo.yaml")
     assert demo.model.name == "tiny-qwen2.5-vl" and demo.data.geometry == ["toy"]
-    assert demo.lora.enabled is False and demo.finetune == "full"
+    assert demo.lora.enabled is True and demo.optim.head_lr_mult == 4.0
+    assert demo.gasp.lambda_corr > 0 and demo.gasp.lambda_depth > 0
     for name, layers_note in (("qwen2_5_vl_7b.yaml", "Qwen/Qwen2.5-VL-7B-Instruct"),
                               ("qwen2_vl_7b.yaml", "Qwen/Qwen2-VL-7B-Instruct"),
                               ("llava_next_video_7b.yaml", "llava-hf/LLaVA-NeXT-Video-7B-hf")):

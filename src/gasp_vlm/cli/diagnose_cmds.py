@@ -51,8 +51,11 @@ def load_trained(ckpt: Path, device: str, dtype: str | None) -> tuple[Any, Any, 
     return load_checkpoint(ckpt, device=device, dtype=dtype)
 
 
-def make_source(data: str, *, n_needed: int, seed: int, toy_size: int) -> Any:
-    """--data DIR (canonical scene folders) or 'toy' (built-in exact-GT sequences)."""
+def make_source(data: str, *, n_needed: int, seed: int, toy_size: int, clip: str = "forward",
+                gap_stride: int = 3) -> Any:
+    """--data DIR (canonical scene folders) or 'toy' (built-in exact-GT sequences). ``clip`` "forward":
+    the paper's protocol (anchor = the clip's first frame, the others ``gap_stride`` frames apart after
+    it); "window": frames drawn around the anchor as in training (the anchor mid-clip)."""
     if data == "toy":
         from gasp_vlm.diagnose.run import OrthoToySource
 
@@ -71,7 +74,8 @@ def make_source(data: str, *, n_needed: int, seed: int, toy_size: int) -> Any:
                                    "create some with `gasp data synth` or `gasp data convert`")
     from gasp_vlm.data.sequences import GeometrySequenceSource
 
-    return GeometrySequenceSource(root, frames_window=48, grid="coarse", seed=seed)
+    return GeometrySequenceSource(root, frames_window=48, grid="coarse", seed=seed,
+                                  forward_stride=gap_stride if clip == "forward" else None)
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -103,12 +107,18 @@ def check_distinct_frames(source: Any, indices: list[int], frames: int) -> None:
     name = source.scenes[k].name
     short = sum(c < frames for c in counts)
     which = (f" ({short} of the {len(indices)} requested sequences fall short)" if len(indices) > 1 else "")
-    head = (f"--frames {frames}: scene {name} gives at most {limit} distinct frame{'s' if limit != 1 else ''} "
-            f"around anchor {anchor} (window \u00b1{source.radius}){which}")
+    plural = "s" if limit != 1 else ""
+    if getattr(source, "forward_stride", None):  # forward clips: the scene's length bounds the clip
+        head = f"--frames {frames}: scene {name} has only {limit} frame{plural}{which}"
+        fix = f"use --frames <= {limit}"
+    else:
+        head = (f"--frames {frames}: scene {name} gives at most {limit} distinct frame{plural} "
+                f"around anchor {anchor} (window \u00b1{source.radius}){which}")
+        fix = f"use --frames <= {limit}"
     if limit < 2:
         raise click.ClickException(f"{head}; a diagnosis needs an anchor and a target: choose other sequences "
                                    "(--start/--stride) or drop that scene from --data")
-    raise click.ClickException(f"{head}; use --frames <= {limit}")
+    raise click.ClickException(f"{head}; {fix}")
 
 
 @contextlib.contextmanager
@@ -143,7 +153,14 @@ def _clean_errors():
               help="Index step between sequences (scene folders give one index per anchor frame: a stride of "
                    "about the frames per scene spreads the sequences over scenes).")
 @click.option("--layers", default=None, help="all (default) | 0,3,7 | 4-7 | -1 (from the end).")
-@click.option("--reverse", is_flag=True, help="Also score frame-t queries against frame-1 keys (causal direction).")
+@click.option("--clip", type=click.Choice(["forward", "window"]), default="forward", show_default=True,
+              help="forward: the paper's clips, the anchor first and the targets at growing gaps after it; "
+                   "window: frames drawn around the anchor as in training (anchor mid-clip).")
+@click.option("--gap-stride", type=click.IntRange(1), default=3, show_default=True,
+              help="forward clips: frames between successive clip frames (targets at gaps s, 2s, ...; a scene too "
+                   "short for that uses the largest step that fits).")
+@click.option("--reverse/--no-reverse", default=True, show_default=True,
+              help="Also score frame-t queries against frame-1 keys: the direction a causal LM attends.")
 @click.option("--frame-mode", default=None, help="Model frame mode (Qwen: video_dup | images | pair).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--dtype", default=None, help="float32 (default for presets) | bfloat16 | float16")
@@ -156,7 +173,8 @@ def _clean_errors():
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--compare", is_flag=True, help="Compare REPORTS (report.json files) instead of running a model.")
 @click.option("--labels", default=None, help="Comma-separated names of the compared reports.")
-def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences, start, stride, layers, reverse,
+def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences, start, stride, layers, clip,
+             gap_stride, reverse,
              frame_mode, batch_size, dtype, device, seed, prompt, pictures, toy_size, no_resume, no_progress, compare,
              labels) -> None:
     """Layer-wise correspondence PCK of a VLM's internal features (paper §5.3).
@@ -212,7 +230,8 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
 
     # Validate the data before paying for model loading.
     with _clean_errors():
-        source = make_source(data, n_needed=start + sequences * stride, seed=seed, toy_size=toy_size)
+        source = make_source(data, n_needed=start + sequences * stride, seed=seed, toy_size=toy_size, clip=clip,
+                             gap_stride=gap_stride)
     indices = list(range(start, start + sequences * stride, stride))
     n_avail = len(source)
     if start >= n_avail:

@@ -10,7 +10,8 @@ Two families, kept apart on purpose (issue 15: GASP's gains must come *without* 
   ``count_views`` (how many *different* objects appear across the frames: one seen twice counts once),
   ``same_surface`` (is the surface at the centre of the first frame the one at the centre of the last?).
 
-Answers are short canonical strings scored by exact match after :func:`normalize_answer`. Objects are
+Answers are short canonical strings scored by exact match after :func:`normalize_answer`; spatial records
+also list their ``choices`` (the answer among them) for closed-set scoring by answer likelihood. Objects are
 named by what can be seen -- texture + shape ("rocket box") -- and only when that name is unique in
 the scene, so every question is answerable from the pixels.
 
@@ -41,7 +42,8 @@ SPATIAL_TASKS: tuple[str, ...] = ("motion", "closer", "count_views", "same_surfa
 SHAPES: tuple[str, ...] = ("box", "sphere", "cylinder")
 MIN_VISIBLE_FRACTION = 0.02  # an object counts as visible when it covers >= 2 % of the frame (~1.3 tokens)
 
-QA = tuple[str, str]  # (question, answer)
+QA = tuple[str, str]  # (question, answer): a general task
+ClosedQA = tuple[str, str, list[str]]  # (question, answer, choices): a spatial task, also scored closed-set
 
 
 def normalize_answer(text: str) -> str:
@@ -131,15 +133,15 @@ def task_count(scene: Scene, f: int, rng: np.random.Generator) -> QA | None:
 # ------------------------------------------------------------------------------------------------
 # Spatial tasks: a clip
 # ------------------------------------------------------------------------------------------------
-def task_motion(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> QA | None:
+def task_motion(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> ClosedQA | None:
     c0, c1 = camera_center(scene.cam_from_worlds[ids[0]]), camera_center(scene.cam_from_worlds[ids[-1]])
     dx = float((scene.cam_from_worlds[ids[0]][:, :3] @ (c1 - c0))[0])  # along the first camera's x (right)
     if abs(dx) < 0.05:
         return None
-    return "Does the camera move left or right?", "right" if dx > 0 else "left"
+    return "Does the camera move left or right?", "right" if dx > 0 else "left", ["left", "right"]
 
 
-def task_closer(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> QA | None:
+def task_closer(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> ClosedQA | None:
     names, f = object_names(scene), ids[0]
     depth, obj = scene.depth(f), scene.objects(f)
     med = {i: float(np.median(depth[(obj == i) & (depth > 0)])) for i in visible_solids(scene, f) if i in names}
@@ -149,29 +151,32 @@ def task_closer(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> Q
     if abs(med[a] - med[b]) < 0.2:  # too close to call
         return None
     return (f"Which is closer to the camera in the first frame, the {names[a]} or the {names[b]}?",
-            names[a] if med[a] < med[b] else names[b])
+            names[a] if med[a] < med[b] else names[b], [names[a], names[b]])
 
 
-def task_count_views(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> QA | None:
+def task_count_views(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> ClosedQA | None:
     seen: set[int] = set()
     for f in ids:
         seen |= set(visible_solids(scene, f))
-    return "How many different objects appear across these frames?", str(len(seen))
+    if not seen:
+        return None
+    return ("How many different objects appear across these frames?", str(len(seen)),
+            [str(k) for k in range(1, len(solid_ids(scene)) + 1)])
 
 
-def task_same_surface(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> QA | None:
+def task_same_surface(scene: Scene, ids: Sequence[int], rng: np.random.Generator) -> ClosedQA | None:
     first, last = scene.objects(ids[0]), scene.objects(ids[-1])
     h, w = first.shape
     a, b = int(first[h // 2, w // 2]), int(last[h // 2, w // 2])
     if a < 0 or b < 0:  # sky / background
         return None
     return ("Is the surface at the centre of the first frame the same as the one at the centre of the last frame?",
-            "yes" if a == b else "no")
+            "yes" if a == b else "no", ["yes", "no"])
 
 
 FRAME_TASKS: dict[str, Callable[[Scene, int, np.random.Generator], QA | None]] = {
     "objects": task_objects, "presence": task_presence, "texture": task_texture, "count": task_count}
-CLIP_TASKS: dict[str, Callable[[Scene, Sequence[int], np.random.Generator], QA | None]] = {
+CLIP_TASKS: dict[str, Callable[[Scene, Sequence[int], np.random.Generator], ClosedQA | None]] = {
     "motion": task_motion, "closer": task_closer, "count_views": task_count_views,
     "same_surface": task_same_surface}
 
@@ -206,7 +211,7 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
                 rec = _draw(task, scenes, rng, num_frames, clip_stride, max_tries)
                 if rec is None:
                     continue
-                sc, frames, (q, a) = rec
+                sc, frames, (q, a, *closed) = rec
                 key = f"{task}_{k:04d}"
                 if len(frames) == 1:
                     media = {"image": f"media/{key}.png"}
@@ -218,7 +223,8 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
                     for j, f in enumerate(frames):
                         Image.fromarray(sc.image(f)).save(tmp / media["video"] / f"{j:03d}.png")
                     tag = "<video>"
-                records.append({"id": f"{key}-{sc.name}", "task": task, "answer": a, "scene": sc.name,
+                records.append({"id": f"{key}-{sc.name}", "task": task, "answer": a,
+                                **({"choices": closed[0]} if closed else {}), "scene": sc.name,
                                 "frames": [int(f) for f in frames], **media,
                                 "conversations": [{"from": "human", "value": f"{tag}\n{q}"},
                                                   {"from": "gpt", "value": a}]})
@@ -228,7 +234,7 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
 
 
 def _draw(task: str, scenes: list[Scene], rng: np.random.Generator, num_frames: int, stride: int,
-          max_tries: int) -> tuple[Scene, list[int], QA] | None:
+          max_tries: int) -> tuple[Scene, list[int], QA | ClosedQA] | None:
     for _ in range(max_tries):
         sc = scenes[int(rng.integers(0, len(scenes)))]
         if task in FRAME_TASKS:

@@ -84,7 +84,8 @@ class GeometrySequenceSource:
                  cache_frames: bool = False, forward_stride: int | None = None) -> None:
         # forward_stride: the paper's diagnostic clip (§5.3) instead of a window sample -- the anchor is the
         # clip's first frame and the others follow it at anchor + s, + 2s, ... (gaps that grow along the
-        # clip); a clip that would run past the scene's end starts earlier, so it ends on the last frame
+        # clip); a clip that would run past the scene's end starts earlier, so it ends on the last frame, and
+        # a scene too short for s apart uses the largest step that fits (gaps are recorded per pair)
         # cache_frames: keep decoded images/depths/object maps in memory (small datasets, e.g. the demo's:
         # PNG decoding otherwise costs as much as a tiny model's training step)
         self._cache: dict[tuple[int, str, int], np.ndarray] | None = {} if cache_frames else None
@@ -134,7 +135,7 @@ class GeometrySequenceSource:
         (``window_frames`` then samples with replacement, fine for training, wrong for a diagnostic)."""
         k, anchor = self.locate(index)
         if self.forward_stride:
-            return (self.scenes[k].num_frames - 1) // self.forward_stride + 1
+            return self.scenes[k].num_frames
         lo, hi = max(0, anchor - self.radius), min(self.scenes[k].num_frames - 1, anchor + self.radius)
         return hi - lo + 1
 
@@ -144,7 +145,8 @@ class GeometrySequenceSource:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         k, anchor = self.locate(index)
         if self.forward_stride:
-            n, step = self.scenes[k].num_frames, self.forward_stride
+            n = self.scenes[k].num_frames
+            step = max(1, min(self.forward_stride, (n - 1) // max(num_frames - 1, 1)))
             start = max(0, min(anchor, n - 1 - (num_frames - 1) * step))
             return k, [min(n - 1, start + j * step) for j in range(num_frames)], 0
         rng = np.random.default_rng([self.seed, int(index)])

@@ -92,6 +92,18 @@ def pad_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def left_pad(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Right-padded model inputs -> left-padded (generation appends after the last column): every
+    (B, S) tensor that lines up with ``attention_mask`` is rotated row by row; pixels are untouched."""
+    mask = inputs["attention_mask"]
+    out = dict(inputs)
+    for key, val in inputs.items():
+        if torch.is_tensor(val) and val.shape[:2] == mask.shape:
+            rows = [torch.roll(val[i], int(mask.shape[1] - mask[i].sum())) for i in range(len(mask))]
+            out[key] = torch.stack(rows)
+    return out
+
+
 class VLMAdapter:
     """One VLM family behind one interface (see docs/DESIGN.md).
 
@@ -231,6 +243,49 @@ class VLMAdapter:
                                       eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
             outputs.append(self.tokenizer.decode(out[0, n_in:], skip_special_tokens=True).strip())
         return outputs
+
+    @torch.no_grad()
+    def generate_frames(self, samples: Sequence[Sequence[Any]], prompts: Sequence[str], max_new_tokens: int = 16,
+                        **gen_kwargs) -> list[str]:
+        """Batched greedy generation with the tokenisation training uses (``prepare_frames`` in the
+        adapter's frame mode), the prompts left-padded so every row's answer starts at the same column.
+        ``samples``: one frame list per prompt (a single frame = a one-frame clip)."""
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(samples)} frame lists for {len(prompts)} prompts")
+        gen_kwargs.setdefault("do_sample", False)
+        encoded = [self._encode_sample(as_uint8_frames(f, where=f"sample {i}"), p, None, self.frame_mode)
+                   for i, (f, p) in enumerate(zip(samples, prompts))]
+        inputs = left_pad(self._collate(encoded).inputs)
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        n_in = inputs["input_ids"].shape[1]
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
+        return [self.tokenizer.decode(row[n_in:], skip_special_tokens=True).strip() for row in out]
+
+    @torch.no_grad()
+    def score_choices(self, samples: Sequence[Sequence[Any]], prompts: Sequence[str],
+                      choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Closed-set scoring (lmms-eval's ``loglikelihood``): for each prompt, the summed log-probability
+        of every candidate answer as the assistant turn, end-of-turn token included (so "4" is not
+        credited with the mass of "45"). One forward pass over all (prompt, candidate) pairs, in the
+        adapter's frame mode. Returns ``scores[i][j]`` for ``choices[i][j]``."""
+        if not len(samples) == len(prompts) == len(choices):
+            raise ValueError(f"{len(samples)} frame lists, {len(prompts)} prompts, {len(choices)} choice lists")
+        pairs = [(i, c) for i, cs in enumerate(choices) for c in cs]
+        if any(not cs for cs in choices):
+            raise ValueError("score_choices: a prompt without candidate answers")
+        frames = [as_uint8_frames(f, where=f"sample {i}") for i, f in enumerate(samples)]
+        batch = self._collate([self._encode_sample(frames[i], prompts[i], c, self.frame_mode)
+                               for i, c in pairs]).to(self.device)
+        cap = self.forward_capture(batch, what=(), layers=(), grad=False)
+        targets = batch.labels[:, 1:]
+        mask = targets != IGNORE_INDEX  # (P, S-1), row-major like cap.logits' rows
+        logp = torch.log_softmax(cap.logits.float(), dim=-1).gather(1, targets[mask][:, None])[:, 0]
+        per_pair = torch.split(logp, mask.sum(1).tolist())
+        scores: list[list[float]] = [[] for _ in choices]
+        for (i, _), lp in zip(pairs, per_pair):
+            scores[i].append(float(lp.sum()))
+        return scores
 
     def _encode_generation(self, request: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError

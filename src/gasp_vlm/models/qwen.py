@@ -219,7 +219,9 @@ class QwenVLAdapter(VLMAdapter):
 
     # ---- generation ---------------------------------------------------------------------------
     def _encode_generation(self, request: dict) -> dict:
-        """Images -> one image block each (own size); video -> the native pair path, as Qwen's processor."""
+        """Images -> one image block each (own size); video -> the adapter's frame mode, so a model is scored
+        with the tokenisation it was trained with: ``video_dup`` (the training default, one frame per
+        temporal token) or ``pair`` (Qwen's processor: two frames per token)."""
         images, video = request.get("images") or [], request.get("video") or []
         min_p, max_p = request.get("min_pixels"), request.get("max_pixels")
         blocks, inputs = [], {}
@@ -238,7 +240,9 @@ class QwenVLAdapter(VLMAdapter):
         if video:
             frames = [np.asarray(f.convert("RGB")) for f in video]
             x = normalize_frames(frames, self._size(*frames[0].shape[:2], min_p, max_p), self.image_mean, self.image_std)
-            if len(frames) % self.temporal:
+            if self.frame_mode == "video_dup":  # the tokenisation GASP trained with: one frame per token
+                x = x.repeat_interleave(self.temporal, dim=0)
+            elif len(frames) % self.temporal:
                 x = torch.cat([x, x[-1:]])
             p, (gt, gh, gw) = patchify(x, self.patch, self.merge, self.temporal)
             blocks.append(("video_pad", gt * gh * gw // self.merge ** 2))
