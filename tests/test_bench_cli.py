@@ -156,3 +156,35 @@ def test_identical_duplicate_ids_warn_and_score_once(tmp_path):
     drop = ("duplicate_ids", "duplicate_lines", "predictions")
     assert {k: v for k, v in res.items() if k not in drop} == {k: v for k, v in clean.items() if k not in drop}
     assert len((out / "scored.jsonl").read_text().splitlines()) == res["num_samples"]
+
+
+def test_compare_refuses_runs_scored_under_different_settings(tmp_path):
+    """Base and GASP must be scored alike: frames (results.json) or frame mode / dtype (run.json) differing
+    is refused with the differences named and nothing written; --allow-mismatch compares and flags it."""
+    root = make_blink(tmp_path / "blink")
+    res, _ = _score(tmp_path, "blink", root, {"val_Multi-view_Reasoning_1": "A"})
+    runs = {}
+    for name, frames, mode in (("base", 8, "video_dup"), ("gasp", 16, "pair")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({**res, "frames": frames}))
+        (d / "run.json").write_text(json.dumps({"model_info": {"frame_mode": mode, "dtype": "bfloat16"}}))
+        runs[name] = d / "results.json"
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["eval", "--compare", str(runs["base"]), str(runs["gasp"]), "--out", str(out)])
+    assert r.exit_code != 0
+    assert "scored under different settings (frames 8 vs 16; frame_mode \"video_dup\" vs \"pair\")" in r.output
+    assert "--allow-mismatch" in r.output and "Traceback" not in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["eval", "--compare", str(runs["base"]), str(runs["gasp"]), "--out", str(out),
+                                  "--allow-mismatch"])
+    assert r.exit_code == 0, r.output
+    assert "warning: settings differ: frames 8 vs 16" in r.output
+    assert (out / "compare.md").read_text().startswith("**Warning: the two runs were scored under different settings**")
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["settings_differ"] == {"frames": [8, 16], "frame_mode": ["video_dup", "pair"]}
+    assert summary["settings"]["base"]["dtype"] == summary["settings"]["gasp"]["dtype"] == "bfloat16"
+    # the same settings on both sides: no warning
+    (tmp_path / "gasp" / "results.json").write_text(json.dumps({**res, "frames": 8}))
+    (tmp_path / "gasp" / "run.json").write_text(json.dumps({"model_info": {"frame_mode": "video_dup"}}))
+    r = CliRunner().invoke(main, ["eval", "--compare", str(runs["base"]), str(runs["gasp"]), "--out", str(out)])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output

@@ -201,3 +201,20 @@ def test_choice_scores_are_answer_log_likelihoods(preset):
     assert all(x < 0 for row in got for x in row)
     with pytest.raises(ValueError, match="without candidate"):
         ad.score_choices(clips[:1], prompts[:1], [[]])
+
+
+@pytest.mark.parametrize("mode,per_token", [("video_dup", 1), ("pair", 2)])
+def test_benchmark_generation_uses_the_frame_mode_training_used(mode, per_token):
+    """A model is evaluated with the tokenisation it was trained with: in ``video_dup`` (the training
+    default) a benchmark video gets one temporal token group per frame, the same visual tokens and pixels
+    prepare_frames builds; in ``pair`` (Qwen's processor) two frames per group."""
+    from PIL import Image
+
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 2}, frame_mode=mode)
+    clip = frames(4, seed=8)
+    gen = ad._encode_generation({"prompt": "Count.", "video": [Image.fromarray(f) for f in clip]})
+    assert int(gen["video_grid_thw"][0, 0]) == 4 // per_token
+    n_gen = int((gen["input_ids"] == ad.ids["video_pad"]).sum())
+    train = ad.prepare_frames([clip], prompt="Count.", frame_mode=mode)
+    assert n_gen == train.visual_rows.shape[1]
+    torch.testing.assert_close(gen["pixel_values_videos"], train.inputs["pixel_values_videos"])

@@ -1,4 +1,8 @@
-"""Compare two results.json files (e.g. base vs GASP): markdown table with deltas + PNG bar chart."""
+"""Compare two results.json files (e.g. base vs GASP): markdown table with deltas + PNG bar chart.
+
+A comparison is only meaningful under the same settings: two runs whose prompt profile, frames,
+decoding, pixel budget, frame mode or dtype differ (results.json + the run.json beside it) are refused
+unless the caller allows it, and then the differences are stated at the top of compare.md."""
 
 from __future__ import annotations
 
@@ -9,6 +13,29 @@ from typing import Any
 from gasp_vlm.io import write_json_atomic
 
 EXTRA_ROWS = ("multi_view_reasoning",)  # reported beside the overall (BLINK's headline)
+# settings that must agree between the two runs (model_info.* come from run.json when it is there)
+SETTINGS = ("profile", "frames", "generation", "pixels", "frame_mode", "dtype")
+
+
+def run_settings(results_path: str | Path, res: dict) -> dict[str, Any]:
+    """The scoring settings of one run: results.json's own, completed by the run.json beside it."""
+    run_file = Path(results_path).with_name("run.json")
+    run: dict = {}
+    if run_file.is_file():
+        try:
+            run = json.loads(run_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{run_file}: not valid JSON ({e.msg})") from None
+    info = run.get("model_info") or {}
+    merged = {"profile": res.get("profile", run.get("profile")), "frames": res.get("frames", run.get("frames")),
+              "generation": res.get("generation", run.get("generation")), "pixels": res.get("pixels", run.get("pixels")),
+              "frame_mode": info.get("frame_mode"), "dtype": info.get("dtype")}
+    return {k: merged[k] for k in SETTINGS}
+
+
+def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list]:
+    """{key: [a, b]} where both runs state a setting and the two differ (unknown on one side: not counted)."""
+    return {k: [a[k], b[k]] for k in SETTINGS if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]}
 
 
 def _load(path: str | Path) -> dict:
@@ -87,19 +114,31 @@ def bar_chart(base: dict, new: dict, path: str | Path, labels: tuple[str, str] =
 
 
 def compare_results(base_path: str | Path, new_path: str | Path, out_dir: str | Path,
-                    labels: tuple[str, str] = ("base", "gasp")) -> dict:
-    """Write OUT/compare.md, OUT/compare.png and OUT/compare.json; return the comparison dict."""
+                    labels: tuple[str, str] = ("base", "gasp"), allow_mismatch: bool = False) -> dict:
+    """Write OUT/compare.md, OUT/compare.png and OUT/compare.json; return the comparison dict.
+
+    Refuses (ValueError, nothing written) two runs scored under different settings unless
+    ``allow_mismatch``; then the differences go into the summary's ``warning`` and atop compare.md."""
     base, new = _load(base_path), _load(new_path)
     if base["benchmark"] != new["benchmark"]:
         raise ValueError(f"cannot compare {base['benchmark']} ({base_path}) with {new['benchmark']} ({new_path})")
+    settings = {labels[0]: run_settings(base_path, base), labels[1]: run_settings(new_path, new)}
+    diffs = settings_differences(*settings.values())
+    stated = "; ".join(f"{k} {json.dumps(a)} vs {json.dumps(b)}" for k, (a, b) in diffs.items())
+    if diffs and not allow_mismatch:
+        raise ValueError(f"{base_path} and {new_path} were scored under different settings ({stated}): rerun one "
+                         "with the other's settings, or pass --allow-mismatch to compare them anyway")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown_table(base, new, labels)
+    if diffs:
+        md = f"**Warning: the two runs were scored under different settings** ({stated}).\n\n{md}"
     (out / "compare.md").write_text(md)
     bar_chart(base, new, out / "compare.png", labels)
     summary = {"benchmark": base["benchmark"], "labels": list(labels), "base": str(base_path), "new": str(new_path),
-               "rows": comparison_rows(base, new)}
-    if base.get("profile") != new.get("profile"):
-        summary["warning"] = f"profiles differ: {base.get('profile')} vs {new.get('profile')}"
+               "settings": settings, "rows": comparison_rows(base, new)}
+    if diffs:
+        summary["settings_differ"] = diffs
+        summary["warning"] = f"settings differ: {stated}"
     write_json_atomic(out / "compare.json", summary)
     return summary

@@ -65,6 +65,9 @@ def describe_generator(generator: Any) -> dict[str, Any]:
         v = getattr(adapter, k, None)
         if isinstance(v, (str, int, float, bool)):
             info[k] = v
+    model = getattr(adapter, "model", None)
+    if model is not None and hasattr(model, "parameters"):  # the weights' dtype: compared by `eval --compare`
+        info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     return info
 
 

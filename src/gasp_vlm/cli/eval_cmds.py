@@ -95,16 +95,19 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None,
               metavar="BASE/results.json GASP/results.json", help="Compare two results files instead of running.")
 @click.option("--labels", default="base,gasp", show_default=True, help="Names of the two compared runs.")
+@click.option("--allow-mismatch", is_flag=True, help="--compare: compare runs scored under different settings "
+              "(profile, frames, decoding, pixels, frame mode, dtype) instead of refusing; flagged in compare.md.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_new_tokens, profile, split, min_pixels,
-          max_pixels, dtype, device, seed, compare, labels, no_progress) -> None:
+          max_pixels, dtype, device, seed, compare, labels, allow_mismatch, no_progress) -> None:
     """Run a model on a benchmark (resumable), then score; or --compare two results.json files."""
     if compare:
         from gasp_vlm.bench.compare import compare_results
 
         with _clean_errors():
             names = tuple(labels.split(",", 1)) if "," in labels else ("base", "gasp")
-            summary = compare_results(compare[0], compare[1], out_dir, names)  # type: ignore[arg-type]
+            summary = compare_results(compare[0], compare[1], out_dir, names,  # type: ignore[arg-type]
+                                      allow_mismatch=allow_mismatch)
         click.echo((out_dir / "compare.md").read_text())
         if "warning" in summary:
             click.echo(f"warning: {summary['warning']}")
