@@ -218,3 +218,20 @@ def test_benchmark_generation_uses_the_frame_mode_training_used(mode, per_token)
     train = ad.prepare_frames([clip], prompt="Count.", frame_mode=mode)
     assert n_gen == train.visual_rows.shape[1]
     torch.testing.assert_close(gen["pixel_values_videos"], train.inputs["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+def test_benchmark_requests_batched_give_the_one_by_one_answers(preset):
+    """Qwen batches benchmark requests (left padding; pixels and grids concatenated in request order):
+    mixed requests -- images of different sizes, a video, text only -- answer as they do alone."""
+    from PIL import Image
+
+    ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
+    big = [Image.fromarray(f) for f in frames(2, h=84, w=112, seed=9)]
+    small = [Image.fromarray(f) for f in frames(3, seed=10)]
+    reqs = [{"prompt": "Which view is left?", "images": big}, {"prompt": "Count the objects in the clip.", "video": small},
+            {"prompt": "Say hi."}, {"prompt": "Same object?", "images": small[:1], "max_pixels": 56 * 56}]
+    assert ad._collate_generation([ad._encode_generation(r) for r in reqs]) is not None
+    batched = ad.generate(reqs, max_new_tokens=5)
+    alone = [ad.generate([r], max_new_tokens=5)[0] for r in reqs]
+    assert batched == alone

@@ -231,18 +231,27 @@ class VLMAdapter:
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, requests: Sequence[dict], max_new_tokens: int = 16, **gen_kwargs) -> list[str]:
-        """Greedy (by default) generation for benchmark requests: dict(prompt, images=[PIL], video=[PIL])."""
+        """Greedy (by default) generation for benchmark requests: dict(prompt, images=[PIL], video=[PIL]).
+
+        Families whose ``_collate_generation`` can batch requests (Qwen) run them in one left-padded
+        ``generate``; the others one request at a time."""
         gen_kwargs.setdefault("do_sample", False)
+        encoded = [self._encode_generation(req) for req in requests]
+        batched = self._collate_generation(encoded) if len(encoded) > 1 else None
+        groups = [left_pad(batched)] if batched is not None else encoded
         outputs = []
-        for req in requests:
-            inputs = self._encode_generation(req)
+        for inputs in groups:
             inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             n_in = inputs["input_ids"].shape[1]
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
-            outputs.append(self.tokenizer.decode(out[0, n_in:], skip_special_tokens=True).strip())
+            outputs += [self.tokenizer.decode(row[n_in:], skip_special_tokens=True).strip() for row in out]
         return outputs
+
+    def _collate_generation(self, encoded: list[dict]) -> dict | None:
+        """Several ``_encode_generation`` outputs -> one right-padded batch, or None: not batchable."""
+        return None
 
     @torch.no_grad()
     def generate_frames(self, samples: Sequence[Sequence[Any]], prompts: Sequence[str], max_new_tokens: int = 16,

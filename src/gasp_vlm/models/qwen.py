@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
@@ -86,6 +87,7 @@ class QwenVLAdapter(VLMAdapter):
     hf_model_types = ("qwen2_5_vl",)
     default_frame_mode = "video_dup"
     frame_modes = ("video_dup", "pair", "images")
+    timed_video = True  # video inputs carry second_per_grid_ts (1.0: distinct temporal ids)
     patch = 14
     merge = 2
     temporal = 2
@@ -198,8 +200,9 @@ class QwenVLAdapter(VLMAdapter):
             if encoded[0]["mode"] == "images":
                 inputs.update(pixel_values=pixels, image_grid_thw=grids)
             else:
-                inputs.update(pixel_values_videos=pixels, video_grid_thw=grids,
-                              second_per_grid_ts=torch.ones(len(grids), dtype=torch.float32))
+                inputs.update(pixel_values_videos=pixels, video_grid_thw=grids)
+                if self.timed_video:
+                    inputs["second_per_grid_ts"] = torch.ones(len(grids), dtype=torch.float32)
         has_answer = any(l != -100 for e in encoded for l in e["labels"])
         return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
 
@@ -246,8 +249,9 @@ class QwenVLAdapter(VLMAdapter):
                 x = torch.cat([x, x[-1:]])
             p, (gt, gh, gw) = patchify(x, self.patch, self.merge, self.temporal)
             blocks.append(("video_pad", gt * gh * gw // self.merge ** 2))
-            inputs.update(pixel_values_videos=p, video_grid_thw=torch.tensor([[gt, gh, gw]]),
-                          second_per_grid_ts=torch.ones(1))
+            inputs.update(pixel_values_videos=p, video_grid_thw=torch.tensor([[gt, gh, gw]]))
+            if self.timed_video:
+                inputs["second_per_grid_ts"] = torch.ones(1)
             type_of["video_pad"] = 2
         ids, _ = self._chat_ids(blocks, request["prompt"], None)
         ids_t = torch.tensor([ids])
@@ -257,7 +261,22 @@ class QwenVLAdapter(VLMAdapter):
         inputs.update(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), mm_token_type_ids=type_ids)
         return inputs
 
+    def _collate_generation(self, encoded: list[dict]) -> dict:
+        """Right-pad the token rows; pixels and grids concatenate in request order (how Qwen's model reads a
+        batch: the i-th image block of the batch takes the i-th grid)."""
+        width = max(e["input_ids"].shape[1] for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        out: dict[str, Any] = {}
+        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            out[key] = torch.cat([F.pad(e[key], (0, width - e[key].shape[1]), value=fill) for e in encoded])
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            parts = [e[key] for e in encoded if key in e]
+            if parts:
+                out[key] = torch.cat(parts)
+        return out
+
 
 class Qwen2VLAdapter(QwenVLAdapter):
     family = "qwen2_vl"
     hf_model_types = ("qwen2_vl",)
+    timed_video = False  # Qwen2-VL has no second_per_grid_ts (generate refuses unknown model kwargs)
