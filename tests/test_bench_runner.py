@@ -142,3 +142,51 @@ def test_read_predictions_lists_first_conflicts(tmp_path):
     assert msg.startswith(f"{p}: 7 sample_id(s) appear more than once with different raw_output: "
                           "'0' (lines 1, 9), '1' (lines 2, 10)")
     assert "'4' (lines 5, 13) and 2 more;" in msg and "'5'" not in msg and "'7'" not in msg
+
+
+def test_each_video_is_decoded_once_for_all_its_questions(tmp_path, monkeypatch):
+    """VSI-Bench's 11 fixture questions ask about 3 videos: with the cache 3 decodes (run.json says so),
+    without it 11, and the requests (frames, pixels, indices) are the same either way."""
+    import gasp_vlm.bench.media as M
+
+    calls = []
+    real = M.read_video_frames
+    monkeypatch.setattr(M, "read_video_frames", lambda p, k: calls.append(str(p)) or real(p, k))
+    root = make_vsibench(tmp_path / "vsi")
+    cached, plain = FakeGenerator(), FakeGenerator()
+    run_eval("vsibench", root, cached, tmp_path / "a", frames=4, batch_size=4, progress=False)
+    assert len(calls) == 3 and len(set(calls)) == 3
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (run["video_decodes"], run["video_cache_hits"]) == (3, 8)
+    calls.clear()
+    run_eval("vsibench", root, plain, tmp_path / "b", frames=4, batch_size=4, video_cache_bytes=0, progress=False)
+    assert len(calls) == 11
+    a = [r for c in cached.calls for r in c]
+    b = [r for c in plain.calls for r in c]
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    for x, y in zip(a, b):
+        assert [im.tobytes() for im in x["video"]] == [im.tobytes() for im in y["video"]]
+    assert _lines(tmp_path / "a" / "predictions.jsonl") == _lines(tmp_path / "b" / "predictions.jsonl")
+
+
+def test_video_cache_is_bounded_and_sees_replaced_files(tmp_path):
+    from gasp_vlm.bench.media import VideoFrameCache
+
+    root = make_vsibench(tmp_path / "vsi")
+    videos = sorted(root.rglob("*.mp4"))
+    one = VideoFrameCache()
+    frames, _, _ = one.read(videos[0], 2)
+    per_video = sum(im.width * im.height * 3 for im in frames)
+    small = VideoFrameCache(max_bytes=per_video)  # room for one video
+    small.read(videos[0], 2)
+    small.read(videos[1], 2)  # evicts videos[0]
+    small.read(videos[0], 2)
+    assert (small.decodes, small.hits) == (3, 0)
+    small.read(videos[0], 2)
+    small.read(videos[0], 3)  # another frame count is another entry
+    assert (small.decodes, small.hits) == (4, 1)
+    import os
+    st = videos[0].stat()
+    os.utime(videos[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed on disk
+    one.read(videos[0], 2)
+    assert (one.decodes, one.hits) == (2, 0)

@@ -7,6 +7,7 @@ Frame sampling follows the official VSI-Bench runs (llava_vid / LLaVA-OneVision)
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +73,41 @@ def read_video_frames(path: str | Path, k: int) -> tuple[list[Image.Image], list
         raise MediaError(f"{path}: could not decode frames {sorted(wanted - set(got))}")
     except av.error.FFmpegError as e:  # type: ignore[attr-defined]
         raise MediaError(f"cannot decode video {path}: {e}") from None
+
+
+class VideoFrameCache:
+    """The decoded frames of recently used videos, shared by all their questions (VSI-Bench asks ~18 per
+    video, each of which would otherwise decode it again). LRU, bounded by the decoded RGB bytes (default
+    1 GiB, ~12 videos of 32 frames at 720p); ``max_bytes=0`` turns it off. Keyed by path, frame count,
+    mtime and size, so a file replaced on disk is decoded again. The PIL frames are shared: read-only."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[tuple, tuple[list[Image.Image], list[int], int, int]] = OrderedDict()
+        self._bytes = 0
+        self.decodes = 0
+        self.hits = 0
+
+    def read(self, path: str | Path, k: int) -> tuple[list[Image.Image], list[int], int]:
+        """``read_video_frames(path, k)``, from the cache when the same video was read with the same k."""
+        p = Path(path)
+        st = p.stat() if p.is_file() else None
+        key = (str(p.resolve()), int(k), st.st_mtime_ns, st.st_size) if st else None
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            frames, idx, total, _ = self._items[key]
+            return frames, idx, total
+        frames, idx, total = read_video_frames(p, k)
+        self.decodes += 1
+        size = sum(im.width * im.height * 3 for im in frames)
+        if key is not None and size <= self.max_bytes:
+            self._items[key] = (frames, idx, total, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                *_, old = self._items.popitem(last=False)[1]
+                self._bytes -= old
+        return frames, idx, total
 
 
 def decode_image(src: bytes | str | Path) -> Image.Image:

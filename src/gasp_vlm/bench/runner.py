@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from gasp_vlm.bench.media import MediaError, check_media_exists, decode_image, read_video_frames
+from gasp_vlm.bench.media import MediaError, VideoFrameCache, check_media_exists, decode_image
 from gasp_vlm.bench.records import Sample, read_predictions, repair_truncated_tail
 from gasp_vlm.bench.registry import Benchmark, get_benchmark, score_samples
 from gasp_vlm.io import write_json_atomic, write_jsonl_atomic
@@ -82,19 +82,22 @@ def library_versions() -> dict[str, str | None]:
 
 
 def build_request(bench: Benchmark, sample: Sample, profile: str, frames: int | None,
-                  pixels: dict[str, int] | None = None) -> tuple[dict, list[int] | None]:
-    """(request for the generator, frame indices used or None). `pixels` adds min/max_pixels to the request."""
-    req, idx = _build_request(bench, sample, profile, frames)
+                  pixels: dict[str, int] | None = None,
+                  videos: VideoFrameCache | None = None) -> tuple[dict, list[int] | None]:
+    """(request for the generator, frame indices used or None). `pixels` adds min/max_pixels to the request;
+    `videos` shares decoded videos between the questions about them (default: no cache)."""
+    req, idx = _build_request(bench, sample, profile, frames, videos or VideoFrameCache(0))
     if pixels:
         req.update(pixels)
     return req, idx
 
 
-def _build_request(bench: Benchmark, sample: Sample, profile: str, frames: int | None) -> tuple[dict, list[int] | None]:
+def _build_request(bench: Benchmark, sample: Sample, profile: str, frames: int | None,
+                   videos: VideoFrameCache) -> tuple[dict, list[int] | None]:
     prompt = bench.render_prompt(sample, profile)
     if sample.media.kind == "video":
         try:
-            imgs, idx, _total = read_video_frames(sample.media.paths[0], frames or 32)
+            imgs, idx, _total = videos.read(sample.media.paths[0], frames or 32)
         except MediaError as e:
             raise MediaError(f"{sample.benchmark} sample {sample.sample_id}: {e}") from None
         return {"prompt": prompt, "images": None, "video": imgs}, idx
@@ -143,8 +146,12 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
              out_dir: str | Path, *, model_name: str = "", profile: str = "official", split: str | None = None,
              limit: int | None = None, frames: int | None = None, batch_size: int = 1,
              generation: dict[str, Any] | None = None, pixels: dict[str, int] | None | str = "official",
-             model_info: dict[str, Any] | None = None, progress: bool = True) -> dict:
+             model_info: dict[str, Any] | None = None, video_cache_bytes: int = 1 << 30,
+             progress: bool = True) -> dict:
     """Generate (resumably) and score; return the results dict also written to OUT/results.json.
+
+    Each video is decoded once and shared by its questions while it stays in a ``video_cache_bytes``
+    LRU (0: decode per question); run.json records the decodes and cache hits.
 
     `generation` is what the generator was configured with (recorded, not applied here); default: the
     benchmark's official decoding settings. `pixels` ("official" = the benchmark's own, None = the model's
@@ -186,11 +193,12 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
     write_json_atomic(out / RUN, config)
 
     t0 = time.time()
+    videos = VideoFrameCache(video_cache_bytes)
     with pred_path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), disable=not progress,
                                                            desc=f"{bench.name}", unit="q") as bar:
         for start in range(0, len(pending), max(1, batch_size)):
             batch = pending[start:start + max(1, batch_size)]
-            built = [build_request(bench, s, profile, frames, pixels) for s in batch]
+            built = [build_request(bench, s, profile, frames, pixels, videos) for s in batch]
             outputs = generator([req for req, _ in built])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(batch)} requests")
@@ -204,6 +212,7 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
     config["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     config["generation_seconds"] = round(time.time() - t0, 3)
     config["num_generated"] = len(pending)
+    config["video_decodes"], config["video_cache_hits"] = videos.decodes, videos.hits
     write_json_atomic(out / RUN, config)
     return score_run(bench, samples, pred_path, out, profile,
                      extra={"model": model_name, "frames": frames, "generation": config["generation"],
