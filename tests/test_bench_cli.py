@@ -188,3 +188,18 @@ def test_compare_refuses_runs_scored_under_different_settings(tmp_path):
     (tmp_path / "gasp" / "run.json").write_text(json.dumps({"model_info": {"frame_mode": "video_dup"}}))
     r = CliRunner().invoke(main, ["eval", "--compare", str(runs["base"]), str(runs["gasp"]), "--out", str(out)])
     assert r.exit_code == 0 and "warning" not in r.output, r.output
+
+
+def test_bench_eval_prints_speed_with_and_without_the_video_cache():
+    r = CliRunner().invoke(main, ["bench", "eval", "--limit", "6", "--frames", "4", "--video-frames", "40",
+                                  "--video-size", "160x96", "--max-new-tokens", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    # 6 questions over the fixture's 3 videos: 6 decodes without the cache, 3 with it
+    assert (res["no_cache"]["video_decodes"], res["no_cache"]["video_cache_hits"]) == (6, 0)
+    assert (res["cache"]["video_decodes"], res["cache"]["video_cache_hits"]) == (3, 3)
+    for run in ("no_cache", "cache"):
+        assert res[run]["questions"] == 6 and res[run]["questions_per_s"] > 0
+        assert res[run]["prepare_s_per_question"] >= 0 and res[run]["generate_s_per_question"] > 0
+    r = CliRunner().invoke(main, ["bench", "eval", "--video-size", "big"])
+    assert r.exit_code != 0 and "--video-size 'big': expected WxH" in r.output

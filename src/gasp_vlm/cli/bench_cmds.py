@@ -117,3 +117,34 @@ def instructions_cmd(data, model, samples, overrides) -> None:
     except (ConfigError, InstructionFormatError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(res, indent=2))
+
+
+@bench.command("eval")
+@click.option("--model", default="tiny-qwen2.5-vl", show_default=True, help="Preset, HF dir or hub id.")
+@click.option("--benchmark", "benchmark", default="vsibench", show_default=True)
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Benchmark folder (default: the generated fixture with realistic video lengths).")
+@click.option("--limit", type=int, default=None, help="First N questions.")
+@click.option("--frames", type=int, default=8, show_default=True, help="Video frames per question.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=int, default=4, show_default=True)
+@click.option("--video-frames", type=int, default=300, show_default=True, help="Fixture clip length (frames).")
+@click.option("--video-size", default="640x360", show_default=True, help="Fixture clip size WxH.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+def eval_cmd(model, benchmark, data, limit, frames, batch_size, max_new_tokens, video_frames, video_size, device,
+             dtype) -> None:
+    """Questions/s and media preparation time per question, per-video decode cache off vs on, as JSON."""
+    from gasp_vlm.bench.speed import benchmark_eval
+
+    try:
+        w, h = (int(x) for x in video_size.lower().split("x"))
+    except ValueError:
+        raise click.UsageError(f"--video-size {video_size!r}: expected WxH, e.g. 640x360") from None
+    try:
+        res = benchmark_eval(model, benchmark, data=data, limit=limit, frames=frames, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, video_frames=video_frames, video_size=(w, h),
+                             dtype=dtype, device=device)
+    except (KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from None
+    click.echo(json.dumps(res, indent=2))
