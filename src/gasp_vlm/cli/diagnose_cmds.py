@@ -110,15 +110,13 @@ def check_distinct_frames(source: Any, indices: list[int], frames: int) -> None:
     plural = "s" if limit != 1 else ""
     if getattr(source, "forward_stride", None):  # forward clips: the scene's length bounds the clip
         head = f"--frames {frames}: scene {name} has only {limit} frame{plural}{which}"
-        fix = f"use --frames <= {limit}"
     else:
         head = (f"--frames {frames}: scene {name} gives at most {limit} distinct frame{plural} "
                 f"around anchor {anchor} (window \u00b1{source.radius}){which}")
-        fix = f"use --frames <= {limit}"
     if limit < 2:
         raise click.ClickException(f"{head}; a diagnosis needs an anchor and a target: choose other sequences "
                                    "(--start/--stride) or drop that scene from --data")
-    raise click.ClickException(f"{head}; {fix}")
+    raise click.ClickException(f"{head}; use --frames <= {limit}")
 
 
 @contextlib.contextmanager

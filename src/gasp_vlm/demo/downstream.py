@@ -25,40 +25,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from gasp_vlm.data.scene_tasks import SPATIAL_TASKS, load_task_set, normalize_answer
 from gasp_vlm.io import write_jsonl_atomic
 
 
-def _frames(root: Path, rec: dict) -> list[np.ndarray]:
-    """The record's frames as the trainer reads them: a frame folder in name order, or one image."""
-    if rec.get("video"):
-        files = sorted(p for p in (root / rec["video"]).iterdir() if p.suffix.lower() == ".png")
-    else:
-        files = [root / rec["image"]]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
-
-
 def answer_questions(adapter: Any, tasks_json: Path, out_file: Path, batch_size: int = 8) -> list[dict]:
     """Answer every question of ``tasks_json`` both ways (batches of one task: equal frame counts); returns
     (and writes) the records. Room to generate: the set's longest answer + 2 tokens."""
-    from gasp_vlm.train.instructions.conversations import clean_text
+    from gasp_vlm.train.instructions.dataset import InstructionSet
 
     if out_file.exists():
         return [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
-    root = tasks_json.parent
     recs = load_task_set(tasks_json)
+    reader = InstructionSet(tasks_json)  # frames and prompt exactly as the trainer reads a record
     max_new = 2 + max(len(adapter.tokenizer.encode(r["answer"], add_special_tokens=False)) for r in recs)
-    by_task: dict[str, list[dict]] = {}
-    for rec in recs:
-        by_task.setdefault(rec["task"], []).append(rec)
+    by_task: dict[str, list[int]] = {}
+    for i, rec in enumerate(recs):
+        by_task.setdefault(rec["task"], []).append(i)
     out = []
     for rows in by_task.values():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            questions = [clean_text(r["conversations"][0]["value"]) for r in chunk]
-            frames = [_frames(root, r) for r in chunk]
+        for start in range(0, len(rows), batch_size):
+            ids = rows[start:start + batch_size]
+            chunk = [recs[i] for i in ids]
+            items = [reader.sample(i, num_frames=len(recs[i]["frames"])) for i in ids]
+            questions = [it["prompt"] for it in items]
+            frames = [it["frames"] for it in items]
             preds = adapter.generate_frames(frames, questions, max_new_tokens=max_new)
             logps = adapter.score_choices(frames, questions, [r["choices"] for r in chunk])
             for r, q, p, lp in zip(chunk, questions, preds, logps):

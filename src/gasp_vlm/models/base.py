@@ -235,19 +235,19 @@ class VLMAdapter:
 
         Families whose ``_collate_generation`` can batch requests (Qwen) run them in one left-padded
         ``generate``; the others one request at a time."""
-        gen_kwargs.setdefault("do_sample", False)
         encoded = [self._encode_generation(req) for req in requests]
         batched = self._collate_generation(encoded) if len(encoded) > 1 else None
         groups = [left_pad(batched)] if batched is not None else encoded
-        outputs = []
-        for inputs in groups:
-            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            n_in = inputs["input_ids"].shape[1]
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
-            outputs += [self.tokenizer.decode(row[n_in:], skip_special_tokens=True).strip() for row in out]
-        return outputs
+        return [text for inputs in groups for text in self._generate_texts(inputs, max_new_tokens, **gen_kwargs)]
+
+    def _generate_texts(self, inputs: dict[str, Any], max_new_tokens: int, **gen_kwargs) -> list[str]:
+        """One ``model.generate`` over left-padded (or single-row) inputs -> the new text of every row."""
+        gen_kwargs.setdefault("do_sample", False)
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        n_in = inputs["input_ids"].shape[1]
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
+        return [self.tokenizer.decode(row[n_in:], skip_special_tokens=True).strip() for row in out]
 
     def _collate_generation(self, encoded: list[dict]) -> dict | None:
         """Several ``_encode_generation`` outputs -> one right-padded batch, or None: not batchable."""
@@ -261,15 +261,9 @@ class VLMAdapter:
         ``samples``: one frame list per prompt (a single frame = a one-frame clip)."""
         if len(samples) != len(prompts):
             raise ValueError(f"{len(samples)} frame lists for {len(prompts)} prompts")
-        gen_kwargs.setdefault("do_sample", False)
         encoded = [self._encode_sample(as_uint8_frames(f, where=f"sample {i}"), p, None, self.frame_mode)
                    for i, (f, p) in enumerate(zip(samples, prompts))]
-        inputs = left_pad(self._collate(encoded).inputs)
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        n_in = inputs["input_ids"].shape[1]
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
-        return [self.tokenizer.decode(row[n_in:], skip_special_tokens=True).strip() for row in out]
+        return self._generate_texts(left_pad(self._collate(encoded).inputs), max_new_tokens, **gen_kwargs)
 
     @torch.no_grad()
     def score_choices(self, samples: Sequence[Sequence[Any]], prompts: Sequence[str],

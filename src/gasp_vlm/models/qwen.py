@@ -26,7 +26,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
@@ -264,11 +263,9 @@ class QwenVLAdapter(VLMAdapter):
     def _collate_generation(self, encoded: list[dict]) -> dict:
         """Right-pad the token rows; pixels and grids concatenate in request order (how Qwen's model reads a
         batch: the i-th image block of the batch takes the i-th grid)."""
-        width = max(e["input_ids"].shape[1] for e in encoded)
-        pad = self.tokenizer.pad_token_id
-        out: dict[str, Any] = {}
-        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
-            out[key] = torch.cat([F.pad(e[key], (0, width - e[key].shape[1]), value=fill) for e in encoded])
+        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
+        type_ids, _ = pad_sequences([e["mm_token_type_ids"][0].tolist() for e in encoded], 0)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": type_ids}
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             parts = [e[key] for e in encoded if key in e]
             if parts:
