@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -105,40 +103,14 @@ def test_tracks_user_errors_are_clear(dataset, tmp_path):
     assert r.exit_code == 1 and "scene.json: missing file" in r.output and "Traceback" not in r.output
 
 
-def test_convert_dispatches_to_the_registered_converter(monkeypatch, tmp_path):
-    calls = []
-
-    def fake(src: Path, out: Path, depth: Path | None = None, **kw) -> Path:
-        calls.append((src, out, depth))
-        return out
-
-    mod = types.ModuleType("gasp_vlm.data.convert")
-    mod.CONVERTERS = {"dl3dv": fake}
-    monkeypatch.setitem(sys.modules, "gasp_vlm.data.convert", mod)
-    src, dep = tmp_path / "src", tmp_path / "dep"
-    src.mkdir()
-    dep.mkdir()
-    r = CliRunner().invoke(main, ["data", "convert", "dl3dv", str(src), "--out", str(tmp_path / "o"),
-                                  "--depth", str(dep)])
-    assert r.exit_code == 0, r.output
-    assert calls == [(src, tmp_path / "o", dep)] and "converted dl3dv" in r.output
-    r = CliRunner().invoke(main, ["data", "convert", "scannet", str(src), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "no converter for 'scannet'" in r.output
-    r = CliRunner().invoke(main, ["data", "convert", "kitti", str(src), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "dl3dv" in r.output
-
-
-def test_convert_reports_converter_errors_without_traceback(monkeypatch, tmp_path):
-    from gasp_vlm.data.scene import SceneError
-
-    def failing(src, out, depth=None, **kw):
-        raise SceneError(f"{src}/transforms.json: missing file")
-
-    mod = types.ModuleType("gasp_vlm.data.convert")
-    mod.CONVERTERS = {"co3d": failing}
-    monkeypatch.setitem(sys.modules, "gasp_vlm.data.convert", mod)
-    r = CliRunner().invoke(main, ["data", "convert", "co3d", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "transforms.json: missing file" in r.output and "Traceback" not in r.output
+def test_convert_names_the_datasets_and_reports_errors_without_traceback(tmp_path):
+    r = CliRunner().invoke(main, ["data", "convert", "kitti", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "megadepth" in r.output and "wildrgbd" in r.output
+    (tmp_path / "src").mkdir()
+    r = CliRunner().invoke(main, ["data", "convert", "scannet", str(tmp_path / "src"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "src/color: missing folder" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["data", "convert", "hypersim", str(tmp_path / "src"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "no hypersim scenes found" in r.output
 
 
 @pytest.mark.parametrize("cmd", [[], ["synth"], ["check"], ["tracks"], ["convert"]])

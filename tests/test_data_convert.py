@@ -236,5 +236,6 @@ def test_scannet_errors_name_the_file(tmp_path):
     (src / "pose" / "0.txt").write_text("1 2 3\n")
     with pytest.raises(ConvertError, match=r"pose/0\.txt"):
         CONVERTERS["scannet"](src, tmp_path / "scene")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConvertError, match="color"):
-        CONVERTERS["scannet"](tmp_path, tmp_path / "scene")
+        CONVERTERS["scannet"](tmp_path / "empty", tmp_path / "scene")

@@ -13,7 +13,8 @@ import click
 
 from gasp_vlm.cli import main
 
-CONVERTER_NAMES = ("dl3dv", "co3d", "scannet")
+CONVERTER_NAMES = ("dl3dv", "co3d", "scannet", "scannetpp", "arkitscenes", "megadepth", "hypersim", "blendedmvs",
+                   "wildrgbd")
 
 
 @main.group("data")
@@ -155,23 +156,79 @@ def tracks(scene: Path, anchor: int, targets: str, stride: float, rel_tol: float
 @click.argument("dataset", type=click.Choice(CONVERTER_NAMES))
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output scene folder / dataset folder in the canonical format.")
-@click.option("--depth", "depth", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Depth maps supplied by the user (DL3DV ships none: npy, 16-bit png or COLMAP "
-                   ".geometric.bin).")
-def convert(dataset: str, src: Path, out: Path, depth: Path | None) -> None:
-    """Convert a real dataset (DATASET = dl3dv, co3d or scannet) at SRC to the canonical format."""
-    try:
-        from gasp_vlm.data.convert import CONVERTERS
-    except ImportError as e:
-        raise click.ClickException(f"dataset converters are not available (gasp_vlm.data.convert: {e})") from None
-    fn = CONVERTERS.get(dataset)
-    if fn is None:
-        raise click.ClickException(f"no converter for {dataset!r} (available: {', '.join(sorted(CONVERTERS)) or 'none'})")
-    from gasp_vlm.data.scene import SceneError
+              help="Output: the scene folder when SRC is one scene, else the dataset folder (OUT/<scene>/).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Scenes converted in parallel (processes).")
+@click.option("--shard", default="0/1", show_default=True,
+              help="i/n: convert only every n-th scene starting at i (sorted by name), for cluster array jobs.")
+@click.option("--overwrite", is_flag=True, help="Re-convert scenes already present (default: skip them).")
+@click.option("--depth", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="[dl3dv, scannet, scannetpp, co3d] Depth folder supplied by the user (one file per image: "
+                   "npy, 16-bit png or COLMAP .geometric.bin); co3d: root of the depth files.")
+@click.option("--depth-source", type=click.Choice(["auto", "dense", "user", "sparse"]), default=None,
+              help="[dl3dv] COLMAP dense depth, user depth, or depth at sparse SfM points (auto: first available).")
+@click.option("--colmap", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="[dl3dv] COLMAP sparse model folder (default: colmap/sparse/0, sparse/0 in the scene).")
+@click.option("--dense", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="[dl3dv] COLMAP dense workspace (images/, sparse/, stereo/depth_maps/).")
+@click.option("--depth-scale", type=float, default=None,
+              help="16-bit png depth value per metre (default 1000: millimetres).")
+@click.option("--images-dir", default=None, help="[dl3dv] Image folder inside the scene (default: images_4, ...).")
+@click.option("--allow-distortion", is_flag=True, default=None,
+              help="[dl3dv transforms.json, scannetpp iphone] Ignore lens distortion instead of refusing it.")
+@click.option("--distortion-tol", type=float, default=None, help="Largest |coefficient| treated as no distortion.")
+@click.option("--frame-step", type=click.IntRange(min=1), default=None, help="Keep every k-th frame.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="At most this many frames per scene.")
+@click.option("--intrinsics", type=click.Choice(["depth", "color"]), default=None,
+              help="[scannet] Which intrinsic file to use (default depth).")
+@click.option("--sequences", default=None, help="[co3d] Comma-separated sequence names to convert.")
+@click.option("--no-depth-masks", "use_depth_masks", flag_value=False, default=None,
+              help="[co3d] Keep depth outside the MVS depth masks.")
+@click.option("--stream", type=click.Choice(["iphone", "dslr"]), default=None, help="[scannetpp] Which camera.")
+@click.option("--min-confidence", type=click.IntRange(0, 2), default=None,
+              help="[arkitscenes] Drop depth below this ARKit confidence (default 1).")
+@click.option("--pose-time-tol", type=float, default=None,
+              help="[arkitscenes] Largest frame-to-pose time gap in seconds (default 0.1).")
+@click.option("--sfm-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="[megadepth] The MegaDepth_v1_SfM folder (default: next to MegaDepth_v1).")
+@click.option("--images", "hypersim_images", type=click.Choice(["tonemap", "hdf5"]), default=None,
+              help="[hypersim] Tone-mapped jpg previews or HDR hdf5 (tone-mapped here).")
+@click.option("--fov-deg", type=float, default=None, help="[hypersim] Horizontal field of view (default 60).")
+@click.option("--camera-params", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="[hypersim] metadata_camera_parameters.csv: per-scene projection instead of --fov-deg.")
+def convert(dataset: str, src: Path, out: Path, workers: int, shard: str, overwrite: bool,
+            hypersim_images: str | None, sequences: str | None, **opts) -> None:
+    """Convert a real dataset at SRC to the canonical format.
 
+    \b
+    DATASET is one of: dl3dv, co3d, scannet, scannetpp, arkitscenes, megadepth, hypersim, blendedmvs,
+    wildrgbd. SRC is one scene or a root of many (each converter's docstring in
+    gasp_vlm/data/convert/ gives its real layout). Scenes already converted are skipped, failures are
+    reported per scene at the end (OUT/convert_report.json) without stopping the others; exit status 1
+    if any scene failed. Options marked [name] apply to that dataset only.
+    """
+    from gasp_vlm.data.convert import DATASETS, convert_dataset, parse_shard
+    from gasp_vlm.data.scene import SceneError
+    from gasp_vlm.io import write_json_atomic
+
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if hypersim_images is not None:
+        opts["images"] = hypersim_images
+    if sequences is not None:
+        opts["sequences"] = [s for s in sequences.split(",") if s]
     try:
-        result = fn(src, out, depth=depth)
-    except (SceneError, FileNotFoundError, ValueError) as e:
+        i, n = parse_shard(shard)
+        report = convert_dataset(DATASETS[dataset], src, out, workers=workers, shard=(i, n), overwrite=overwrite,
+                                 **opts)
+    except SceneError as e:
         raise click.ClickException(f"{dataset} conversion failed: {e}") from None
-    click.echo(f"converted {dataset} {src} -> {result if result is not None else out}")
+    name = "convert_report.json" if n == 1 else f"convert_report.shard-{i}-of-{n}.json"
+    # SRC was one scene -> OUT is that scene; keep the report beside it, not inside the scene format.
+    report_path = out.parent / f"{out.name}.{name}" if report.single_scene else out / name
+    write_json_atomic(report_path, report.to_json())
+    click.echo(f"{dataset}: {len(report.converted)} converted, {len(report.skipped)} already done, "
+               f"{len(report.failed)} failed in {report.seconds:.1f} s -> {out} (report: {report_path})")
+    for scene, err in report.failed.items():
+        click.echo(f"  FAILED {scene}: {err}", err=True)
+    if report.failed:
+        raise SystemExit(1)

@@ -3,7 +3,7 @@
 Input: a category folder ``<root>/<category>/`` holding ``frame_annotations.jgz`` (gzipped JSON list; a
 plain ``frame_annotations.json`` is read too), or one sequence folder inside it. Annotation paths
 (``image.path``, ``depth.path``, ``depth.mask_path``) are relative to ``<root>`` (``depth`` overrides the
-root for depth files). Output: ``out/<sequence_name>/`` per sequence; returns ``out``.
+root for depth files), or a root holding several categories. Output: ``out/<sequence_name>/`` per sequence.
 
 - Intrinsics (PyTorch3D NDC, ``viewpoint.focal_length`` / ``principal_point``, image size
   ``image.size`` = [H, W]): with half size (W/2, H/2) and s = (W/2, H/2) for ``ndc_norm_image_bounds``
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +29,7 @@ from PIL import Image
 
 from gasp_vlm.data.convert.common import (ConvertError, check_rotation, clean_depth, fit_image_to_depth,
                                           image_hw, read_png16)
+from gasp_vlm.data.convert.runner import SceneJob
 from gasp_vlm.data.scene import SceneWriter
 
 P3D_TO_CV = np.diag([-1.0, -1.0, 1.0])
@@ -103,56 +105,77 @@ def _frame_depth(root: Path, entry: dict, where: str, use_masks: bool) -> np.nda
     return clean_depth(d)
 
 
-def convert_co3d(src: Path, out: Path, depth: Path | None = None, *, sequences: Iterable[str] | None = None,
-                 use_depth_masks: bool = True, overwrite: bool = False, **_: object) -> Path:
-    """CO3Dv2 category folder (or one sequence folder) -> ``out/<sequence>/`` canonical scenes."""
-    src = Path(src)
+def _category_of(src: Path) -> tuple[Path, str | None]:
+    """(category folder, the one sequence named by ``src`` or None)."""
     if (src / "frame_annotations.jgz").is_file() or (src / "frame_annotations.json").is_file():
-        cat_dir, only = src, None
-    elif (src.parent / "frame_annotations.jgz").is_file() or (src.parent / "frame_annotations.json").is_file():
-        cat_dir, only = src.parent, {src.name}
-    else:
-        raise ConvertError(f"{src}: not a CO3D category or sequence folder (no frame_annotations.jgz here or above)")
-    if sequences is not None:
-        only = set(sequences) if only is None else only & set(sequences)
-    root = cat_dir.parent
-    droot = Path(depth) if depth is not None else root
-    ann = _load_annotations(cat_dir)
+        return src, None
+    if (src.parent / "frame_annotations.jgz").is_file() or (src.parent / "frame_annotations.json").is_file():
+        return src.parent, src.name
+    raise ConvertError(f"{src}: not a CO3D category or sequence folder (no frame_annotations.jgz here or above)")
+
+
+@lru_cache(maxsize=2)  # a worker converts many sequences of one category; parse its annotations once
+def _sequences(cat_dir: str) -> dict[str, list[dict]]:
     by_seq: dict[str, list[dict]] = {}
-    for e in ann:
+    for e in _load_annotations(Path(cat_dir)):
         name = e.get("sequence_name")
         if name is None:
             raise ConvertError(f"{cat_dir}: an annotation has no sequence_name")
-        if only is None or name in only:
-            by_seq.setdefault(name, []).append(e)
-    if not by_seq:
-        raise ConvertError(f"{cat_dir}: no frames for sequences {sorted(only or [])}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for seq, entries in sorted(by_seq.items()):
+        by_seq.setdefault(name, []).append(e)
+    for entries in by_seq.values():
         entries.sort(key=lambda e: int(e.get("frame_number", 0)))
-        with SceneWriter(out / seq, source="co3d", depth_units="co3d (scale_adjustment applied)",
-                         overwrite=overwrite, extra={"converted_from": str(cat_dir), "sequence": seq,
-                                                     "category": cat_dir.name}) as w:
-            for e in entries:
-                try:
-                    img_rel = e["image"]["path"]
-                    size = e["image"]["size"]
-                    vp = e["viewpoint"]
-                    K = ndc_to_pixels(vp["focal_length"], vp["principal_point"], size,
-                                      vp.get("intrinsics_format", "ndc_norm_image_bounds"))
-                    cfw = pytorch3d_to_opencv(vp["R"], vp["T"])
-                except (KeyError, TypeError, ValueError) as err:
-                    raise ConvertError(f"{cat_dir}: sequence {seq} frame {e.get('frame_number')}: malformed "
-                                       f"annotation ({err!r})") from None
-                where = f"{cat_dir}: sequence {seq} frame {e.get('frame_number')}"
-                check_rotation(cfw[:, :3], where)
-                img = root / img_rel
-                h, w_ = image_hw(img)
-                if (h, w_) != (int(size[0]), int(size[1])):  # annotation made for another size
-                    K[0] *= w_ / float(size[1])
-                    K[1] *= h / float(size[0])
-                d = _frame_depth(droot, e, where, use_depth_masks)
-                image, K = fit_image_to_depth(img, K, d.shape)
-                w.add_frame(img.name, image, d, K, cfw)
-    return out
+    return by_seq
+
+
+def co3d_scenes(src: Path, *, sequences: Iterable[str] | None = None) -> list[SceneJob]:
+    """Sequences of a category folder, of one sequence folder, or of every category under a root."""
+    src = Path(src)
+    cats = [p for p in sorted(src.iterdir()) if (p / "frame_annotations.jgz").is_file()
+            or (p / "frame_annotations.json").is_file()] if src.is_dir() else []
+    pairs = [(c, None) for c in cats] if cats and not (src / "frame_annotations.jgz").is_file() \
+        and not (src / "frame_annotations.json").is_file() else [_category_of(src)]
+    want = set(sequences) if sequences is not None else None
+    jobs = []
+    for cat_dir, only in pairs:
+        seqs = sorted(_sequences(str(cat_dir)))
+        seqs = [s for s in seqs if (only is None or s == only) and (want is None or s in want)]
+        if not seqs:
+            raise ConvertError(f"{cat_dir}: no frames for sequences {sorted(want or {only} - {None})}")
+        jobs += [SceneJob(seq, (cat_dir, seq)) for seq in seqs]
+    return jobs
+
+
+def convert_co3d_sequence(src: tuple[Path, str], out: Path, *, depth: Path | None = None,
+                          use_depth_masks: bool = True, overwrite: bool = False) -> Path:
+    """One CO3D (category folder, sequence name) -> canonical scene at ``out`` (written atomically)."""
+    cat_dir, seq = Path(src[0]), str(src[1])
+    root = cat_dir.parent
+    droot = Path(depth) if depth is not None else root
+    entries = _sequences(str(cat_dir)).get(seq)
+    if not entries:
+        raise ConvertError(f"{cat_dir}: no frames for sequence {seq}")
+    with SceneWriter(out, source="co3d", depth_units="co3d (scale_adjustment applied)",
+                     overwrite=overwrite, extra={"converted_from": str(cat_dir), "sequence": seq,
+                                                 "category": cat_dir.name}) as w:
+        for e in entries:
+            try:
+                img_rel = e["image"]["path"]
+                size = e["image"]["size"]
+                vp = e["viewpoint"]
+                K = ndc_to_pixels(vp["focal_length"], vp["principal_point"], size,
+                                  vp.get("intrinsics_format", "ndc_norm_image_bounds"))
+                cfw = pytorch3d_to_opencv(vp["R"], vp["T"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConvertError(f"{cat_dir}: sequence {seq} frame {e.get('frame_number')}: malformed "
+                                   f"annotation ({err!r})") from None
+            where = f"{cat_dir}: sequence {seq} frame {e.get('frame_number')}"
+            check_rotation(cfw[:, :3], where)
+            img = root / img_rel
+            h, w_ = image_hw(img)
+            if (h, w_) != (int(size[0]), int(size[1])):  # annotation made for another size
+                K[0] *= w_ / float(size[1])
+                K[1] *= h / float(size[0])
+            d = _frame_depth(droot, e, where, use_depth_masks)
+            image, K = fit_image_to_depth(img, K, d.shape)
+            w.add_frame(img.name, image, d, K, cfw)
+    return Path(out)

@@ -153,21 +153,25 @@ def read_user_depth(path: Path, depth_scale: float = 1000.0) -> np.ndarray:
     return clean_depth(d)
 
 
-def fit_image_to_depth(image_path: Path, K: np.ndarray, depth_hw: tuple[int, int],
+def fit_image_to_depth(image: Path | np.ndarray, K: np.ndarray, depth_hw: tuple[int, int],
                        aspect_tol: float = 0.01) -> tuple[np.ndarray | Path, np.ndarray]:
-    """Depth is the geometric ground truth, so never resample it: when the image size differs from the
-    depth size, resize the image (bicubic) to the depth size and scale K by the same factors.
-    Returns (image path unchanged or resized (H, W, 3) uint8 array, K of the returned image)."""
-    h, w = image_hw(image_path)
+    """Depth is the geometric ground truth, so never resample it: when the image (a path or an
+    (H, W, 3) uint8 array) differs in size from the depth, resize the image (bicubic) to the depth size
+    and scale K by the same factors. Returns (the image unchanged or resized as an array, its K)."""
+    is_array = isinstance(image, np.ndarray)
+    h, w = image.shape[:2] if is_array else image_hw(image)
     dh, dw = depth_hw
     if (h, w) == (dh, dw):
-        return image_path, np.asarray(K, dtype=np.float64)
+        return image, np.asarray(K, dtype=np.float64)
     sx, sy = dw / w, dh / h
     if abs(sx / sy - 1.0) > aspect_tol:
-        raise ConvertError(f"{image_path}: image {w}x{h} and its depth {dw}x{dh} have different aspect ratios "
-                           f"(a crop, not a resize?); refusing to guess the alignment")
-    with Image.open(image_path) as im:
-        img = np.asarray(im.convert("RGB").resize((dw, dh), Image.BICUBIC))
+        raise ConvertError(f"{'an image' if is_array else image}: image {w}x{h} and its depth {dw}x{dh} have "
+                           f"different aspect ratios (a crop, not a resize?); refusing to guess the alignment")
+    if is_array:
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize((dw, dh), Image.BICUBIC))
+    else:
+        with Image.open(image) as im:
+            img = np.asarray(im.convert("RGB").resize((dw, dh), Image.BICUBIC))
     return img, scale_intrinsics(K, sx, sy)
 
 
@@ -178,3 +182,89 @@ def check_rotation(rot: np.ndarray, where: str) -> None:
         raise ConvertError(f"{where}: non-finite camera pose")
     if not is_rotation(rot, atol=1e-3):
         raise ConvertError(f"{where}: the pose's rotation is not a rotation matrix (scaled or sheared pose?)")
+
+
+def read_matrix_txt(path: Path, shape: tuple[int, int] = (4, 4)) -> np.ndarray:
+    """A whitespace-separated matrix file (ScanNet poses, intrinsics) -> float64 of ``shape``."""
+    try:
+        m = np.loadtxt(path, dtype=np.float64)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing file") from None
+    except ValueError as e:
+        raise ConvertError(f"{path}: not a whitespace-separated matrix ({e})") from None
+    if m.shape != shape:
+        raise ConvertError(f"{path}: shape {m.shape}, expected {shape}")
+    return m
+
+
+def read_pfm(path: Path) -> np.ndarray:
+    """Portable float map (``Pf`` grey / ``PF`` colour; the scale's sign gives the byte order, rows are
+    stored bottom to top) -> float32 (H, W) or (H, W, 3), top row first."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing file") from None
+    lines, pos = [], 0
+    for _ in range(3):  # magic, "W H", scale -- each ends with one newline
+        end = raw.find(b"\n", pos)
+        if end < 0:
+            raise ConvertError(f"{path}: not a PFM file (truncated header)")
+        lines.append(raw[pos:end].decode("ascii", "replace").strip())
+        pos = end + 1
+    magic = lines[0]
+    if magic not in ("Pf", "PF"):
+        raise ConvertError(f"{path}: not a PFM file (magic {magic!r})")
+    try:
+        w, h = (int(x) for x in lines[1].split())
+        scale = float(lines[2])
+    except ValueError:
+        raise ConvertError(f"{path}: not a PFM file (bad header {lines[1:]!r})") from None
+    c = 3 if magic == "PF" else 1
+    data = np.frombuffer(raw[pos:], dtype="<f4" if scale < 0 else ">f4")
+    if data.size != w * h * c:
+        raise ConvertError(f"{path}: header says {w}x{h}x{c} values, file holds {data.size}")
+    arr = data.reshape(h, w, c)[::-1]
+    return np.ascontiguousarray(arr[..., 0] if c == 1 else arr, dtype=np.float32)
+
+
+def write_pfm(path: Path, arr: np.ndarray) -> None:
+    """float (H, W) -> little-endian grey PFM (the inverse of ``read_pfm``; for fixtures)."""
+    a = np.asarray(arr, dtype="<f4")
+    h, w = a.shape
+    Path(path).write_bytes(f"Pf\n{w} {h}\n-1.0\n".encode() + np.ascontiguousarray(a[::-1]).tobytes())
+
+
+def read_h5(path: Path, key: str) -> np.ndarray:
+    """One dataset of an HDF5 file (MegaDepth depth, Hypersim images/cameras) -> numpy array."""
+    try:
+        import h5py
+    except ImportError:
+        raise ConvertError(f"{path}: reading HDF5 needs h5py: pip install 'gasp-vlm[data]'") from None
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise ConvertError(f"{path}: HDF5 file has no dataset {key!r} (has {sorted(f.keys())})")
+            return np.asarray(f[key])
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing file") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: unreadable HDF5 ({e})") from None
+
+
+def subsample(items: list, frame_step: int = 1, max_frames: int | None = None) -> list:
+    """Every ``frame_step``-th item, at most ``max_frames`` of them."""
+    if frame_step < 1:
+        raise ConvertError(f"frame_step must be >= 1, got {frame_step}")
+    if max_frames is not None and max_frames < 1:
+        raise ConvertError(f"max_frames must be >= 1, got {max_frames}")
+    out = items[::frame_step]
+    return out if max_frames is None else out[:max_frames]
+
+
+def scene_dirs(root: Path, marker: str, pattern: str = "*") -> list[Path]:
+    """Folders matching ``pattern`` under ``root`` that contain ``marker`` (a file or folder name),
+    sorted; ``[root]`` when ``root`` itself contains it."""
+    root = Path(root)
+    if (root / marker).exists():
+        return [root]
+    return sorted(p for p in root.glob(pattern) if p.is_dir() and (p / marker).exists())

@@ -19,26 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from gasp_vlm.data.convert.common import ConvertError, check_rotation, clean_depth, fit_image_to_depth, read_png16
+from gasp_vlm.data.convert.common import (ConvertError, check_rotation, clean_depth, fit_image_to_depth, read_matrix_txt,
+                                          read_png16)
+from gasp_vlm.data.convert.runner import SceneJob
 from gasp_vlm.data.scene import SceneWriter
 from gasp_vlm.geometry.cameras import cam_from_world_from_c2w
 
 
-def read_matrix_txt(path: Path, shape: tuple[int, int] = (4, 4)) -> np.ndarray:
-    try:
-        m = np.loadtxt(path, dtype=np.float64)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing file") from None
-    except ValueError as e:
-        raise ConvertError(f"{path}: not a whitespace-separated matrix ({e})") from None
-    if m.shape != shape:
-        raise ConvertError(f"{path}: shape {m.shape}, expected {shape}")
-    return m
+
+def scannet_scenes(src: Path) -> list[SceneJob]:
+    """One exported scene, or every ``scene*`` export under a root (``scans/``)."""
+    src = Path(src)
+    if (src / "color").is_dir() or (src / "pose").is_dir():
+        return [SceneJob(None, src)]
+    return [SceneJob(p.name, p) for p in sorted(src.glob("scene*")) if (p / "pose").is_dir()] or [SceneJob(None, src)]
 
 
-def convert_scannet(src: Path, out: Path, depth: Path | None = None, *, intrinsics: str = "depth",
+def convert_scannet(src: Path, out: Path, *, depth: Path | None = None, intrinsics: str = "depth",
                     depth_scale: float = 1000.0, frame_step: int = 1, max_frames: int | None = None,
-                    overwrite: bool = False, **_: object) -> Path:
+                    overwrite: bool = False) -> Path:
     """Exported ScanNet scene folder -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     color_dir, pose_dir = src / "color", src / "pose"
