@@ -193,3 +193,45 @@ def test_frames_of_different_sizes_are_resized_to_the_anchor_with_exact_intrinsi
     ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
     prepared = ad.prepare_frames([item["frames"]], prompt="Describe.")  # one size: the model takes it
     assert src.targets(prepared.layouts[0], item).target_tokens.shape[1] == 3
+
+
+def test_sparse_depth_scenes_snap_queries_to_their_points(tmp_path):
+    """SfM-like depth (only where shared 3D points are observed) gives matches only with snapping."""
+    from gasp_vlm.models import load_adapter
+
+    rng = np.random.default_rng(0)
+    n = 6
+    K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1.0]])
+    step = 0.25 * 28 * Z / F
+    cams = np.stack([np.array([[1, 0, 0, -i * step], [0, 1, 0, 0], [0, 0, 1, 0.0]]) for i in range(n)])
+    # 3D points on the wall at z = Z; each frame's depth holds them where they project (as SfM points do)
+    pts = np.stack([rng.uniform(-2, 4, 300), rng.uniform(-1.5, 1.5, 300), np.full(300, Z)], 1)
+    depths = []
+    for c in cams:
+        d = np.zeros((H, W), np.float32)
+        uv = (pts + c[:, 3]) @ K.T
+        col, row = (uv[:, 0] / uv[:, 2]).astype(int), (uv[:, 1] / uv[:, 2]).astype(int)
+        ok = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        d[row[ok], col[ok]] = Z
+        depths.append(d)
+    imgs = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(n)]
+    write_scene(tmp_path / "ds" / "sparse", imgs, depths, np.stack([K] * n), cams, source="test",
+                extra={"depth_source": "sparse"})
+    assert np.mean([(d > 0).mean() for d in depths]) < 0.06
+    adapter = load_adapter("tiny-qwen2.5-vl")
+    res = {}
+    for mode in ("auto", "off"):
+        src = GeometrySequenceSource(tmp_path / "ds", seed=0, frames_window=3, snap_queries=mode)
+        item = src.sample(2, 4)
+        lay = adapter.prepare_frames([item["frames"]], prompt=None).layouts[0]
+        res[mode] = src.targets(lay, item)
+    snapped, plain = res["auto"], res["off"]
+    assert snapped.valid.sum() > 3 * max(int(plain.valid.sum()), 1)
+    np.testing.assert_allclose(snapped.target_depth[snapped.valid].numpy(), Z, rtol=1e-5)
+    # moved queries stay inside their own token and sit on a point
+    q = snapped.query_uv.numpy().astype(np.float64)
+    tok, inside = lay.pixel_to_token(q)
+    anchor_slot_tok = snapped.anchor_tokens.numpy() - lay.slot_of_frame(snapped.anchor_frame) * lay.tokens_per_slot
+    assert inside.all() and (tok == anchor_slot_tok).all()
+    # sparse scenes pool token depth over any point they hold
+    assert snapped.token_depth_valid.float().mean() > 5 * max(plain.token_depth_valid.float().mean(), 0.01)

@@ -67,6 +67,8 @@ def resize_view(image: np.ndarray, depth: np.ndarray, objects: np.ndarray | None
 
 # "one": the paper's single anchor frame per sequence; "all": every frame an anchor in turn.
 ANCHOR_MODES = ("one", "all")
+SNAP_MODES = ("auto", "on", "off")
+SPARSE_MIN_VALID = 1e-9  # sparse depth: a token's depth is the mean of whatever points it holds
 
 
 class GeometrySequenceSource:
@@ -81,7 +83,7 @@ class GeometrySequenceSource:
     def __init__(self, root: str | os.PathLike, frames_window: int = 48, grid: str = "coarse", seed: int = 0,
                  anchor_stride: int = 1, fine_per_token: int = 2, anchor_first: bool = False,
                  rel_tol: float = 0.05, min_valid_fraction: float = 0.5, anchors: str = "one",
-                 cache_frames: bool = False, forward_stride: int | None = None) -> None:
+                 cache_frames: bool = False, forward_stride: int | None = None, snap_queries: str = "auto") -> None:
         # forward_stride: the paper's diagnostic clip (§5.3) instead of a window sample -- the anchor is the
         # clip's first frame and the others follow it at anchor + s, + 2s, ... (gaps that grow along the
         # clip); a clip that would run past the scene's end starts earlier, so it ends on the last frame, and
@@ -89,6 +91,12 @@ class GeometrySequenceSource:
         # cache_frames: keep decoded images/depths/object maps in memory (small datasets, e.g. the demo's:
         # PNG decoding otherwise costs as much as a tiny model's training step)
         self._cache: dict[tuple[int, str, int], np.ndarray] | None = {} if cache_frames else None
+        # snap_queries: "auto" moves depthless queries to valid pixels of their token (and pools token depth
+        # over any valid pixel) only in scenes whose depth is sparse (scene.json depth_source "sparse",
+        # e.g. DL3DV from SfM points); "on" / "off" force it everywhere / nowhere
+        if snap_queries not in SNAP_MODES:
+            raise ValueError(f"snap_queries must be one of {SNAP_MODES}, got {snap_queries!r}")
+        self.snap_queries = snap_queries
         if anchors not in ANCHOR_MODES:
             raise ValueError(f"anchors must be one of {ANCHOR_MODES}, got {anchors!r}")
         self.anchors = anchors
@@ -117,7 +125,8 @@ class GeometrySequenceSource:
         return (f"GeometrySequenceSource(root={self.root}, scenes={[s.name for s in self.scenes]}, seed={self.seed}, "
                 f"radius={self.radius}, grid={self.grid}, fine_per_token={self.fine_per_token}, "
                 f"anchor_stride={self.anchor_stride}, anchor_first={self.anchor_first}, rel_tol={self.rel_tol}, "
-                f"min_valid_fraction={self.min_valid_fraction}, forward_stride={self.forward_stride})")
+                f"min_valid_fraction={self.min_valid_fraction}, forward_stride={self.forward_stride}, "
+                f"snap_queries={self.snap_queries})")
 
     def __repr__(self) -> str:
         return f"GeometrySequenceSource({str(self.root)!r}, {len(self.scenes)} scenes, {len(self)} sequences)"
@@ -186,8 +195,11 @@ class GeometrySequenceSource:
                     scene=sc.name, frame_ids=ids, anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
 
     def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:
+        sparse = self.snap_queries == "on" or (self.snap_queries == "auto"
+                                               and (item.get("meta") or {}).get("depth_source") == "sparse")
         kw = dict(grid=self.grid, fine_per_token=self.fine_per_token, rel_tol=self.rel_tol,
-                  min_valid_fraction=self.min_valid_fraction)
+                  min_valid_fraction=SPARSE_MIN_VALID if sparse and self.snap_queries == "auto"
+                  else self.min_valid_fraction, snap_queries=sparse)
         if self.anchors == "all":  # every frame an anchor in turn (more pairs per step; training only)
             a = int(item["anchor"])
             order = [a] + [f for f in range(len(item["frames"])) if f != a]

@@ -168,11 +168,36 @@ def pooled_token_depth(layout: "TokenLayout", slot_depths: Sequence[np.ndarray] 
     return depth.astype(np.float32), valid
 
 
+def snap_to_valid_depth(layout: "TokenLayout", depth: np.ndarray, q_uv: np.ndarray, q_tok: np.ndarray,
+                        qd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries without anchor depth move to the nearest valid-depth pixel (its centre) when that pixel is
+    inside the same token, so holey or sparse depth (SfM points only) still yields matches; the token a
+    query belongs to never changes. Returns (uv, depth) with the moved queries updated."""
+    bad = qd <= 0
+    valid = depth > 0
+    if not bad.any() or not valid.any():
+        return q_uv, qd
+    from scipy.ndimage import distance_transform_edt
+
+    h, w = depth.shape
+    _, (iy, ix) = distance_transform_edt(~valid, return_indices=True)
+    col = np.clip(np.floor(q_uv[:, 0]).astype(np.int64), 0, w - 1)
+    row = np.clip(np.floor(q_uv[:, 1]).astype(np.int64), 0, h - 1)
+    ny, nx = iy[row, col], ix[row, col]
+    new_uv = np.stack([nx + 0.5, ny + 0.5], axis=-1).astype(np.float64)
+    tok, inside = layout.pixel_to_token(new_uv)
+    move = bad & inside & (tok == q_tok)
+    q_uv, qd = q_uv.copy(), qd.copy()
+    q_uv[move], qd[move] = new_uv[move], depth[ny[move], nx[move]]
+    return q_uv, qd
+
+
 def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np.ndarray, intrinsics: np.ndarray,
                         cam_from_worlds: np.ndarray, anchor_frame: int = 0, grid: str = "coarse",
                         fine_per_token: int = 2, rel_tol: float = 0.05,
                         min_valid_fraction: float = 0.5,
-                        token_depth: tuple[np.ndarray, np.ndarray] | None = None) -> TokenTargets:
+                        token_depth: tuple[np.ndarray, np.ndarray] | None = None,
+                        snap_queries: bool = False) -> TokenTargets:
     """GASP targets of one sequence for a model ``layout`` (all inputs in original-frame pixels).
 
     depths: F maps (H, W) of the frames as given to the model (F = layout.num_frames, all the size
@@ -196,6 +221,8 @@ def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np
 
     ``token_depth``: a ``pooled_token_depth`` result (depth, valid) to reuse instead of pooling again
     (it depends only on the depth maps of the slots' defining frames, not on the queries).
+    ``snap_queries``: ``snap_to_valid_depth`` before projecting (sparse / holey depth); ``query_uv``
+    then holds the moved positions.
     """
     n_f = layout.num_frames
     intrinsics = np.asarray(intrinsics, dtype=np.float64).reshape(-1, 3, 3)
@@ -216,6 +243,8 @@ def build_token_targets(layout: "TokenLayout", depths: Sequence[np.ndarray] | np
     # Queries, their anchor depth, and their projection into every frame.
     q_uv, q_tok = query_points(layout, grid, fine_per_token)
     qd = sample_depth_nearest(np.asarray(depths[anchor_frame]), q_uv).astype(np.float64)
+    if snap_queries:
+        q_uv, qd = snap_to_valid_depth(layout, np.asarray(depths[anchor_frame]), q_uv, q_tok, qd)
     pts = transform(unproject(q_uv, qd, intrinsics[anchor_frame]), invert_extrinsics(cam_from_worlds[anchor_frame]))
     uv, z = project_to_frames(pts, intrinsics, cam_from_worlds)  # (F, M, 2), (F, M)
     vis = visible_in_frames(uv, z, depths, rel_tol) & (qd > 0)[None, :]  # (F, M)

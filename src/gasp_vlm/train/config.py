@@ -85,6 +85,9 @@ class DataConfig:
     # built-in toy source always anchors frame 0)
     anchors: str = "one"
     cache_frames: bool = False  # keep decoded scene frames in memory (small datasets such as the demo's)
+    # auto: in scenes with sparse depth (DL3DV from SfM points) queries snap to a valid pixel of their token
+    # and token depth averages whatever points a token holds | on | off (data/sequences.py)
+    snap_queries: str = "auto"
     # a mixture YAML (train/instructions/mixture.py), one LLaVA-Video-178K style JSON, or "generated"
     instructions: str | None = None
     generated_instructions: int = 32  # size of the "generated" set
@@ -149,6 +152,7 @@ class TrainConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto | bf16 | fp32"),
             (self.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine | constant"),
             (self.data.grid in ("coarse", "fine"), "data.grid", "must be coarse | fine"),
+            (self.data.snap_queries in ("auto", "on", "off"), "data.snap_queries", "must be auto | on | off"),
             (self.data.anchors in ("one", "all"), "data.anchors", "must be one | all"),
             (1 <= self.data.frames_min <= self.data.frames_max, "data.frames_min",
              "needs 1 <= frames_min <= frames_max"),

@@ -143,7 +143,8 @@ def build_geometry(cfg: DataConfig) -> ConcatGeometry | None:
                 raise ConfigError(f"config key 'data.geometry': {entry}: no such folder (give folders of canonical "
                                   "scenes, see `gasp data --help`, or 'toy' for the built-in set)")
             sources.append(GeometrySequenceSource(entry, frames_window=cfg.window_radius, grid=cfg.grid, seed=cfg.seed,
-                                                  anchors=cfg.anchors, cache_frames=cfg.cache_frames))
+                                                  anchors=cfg.anchors, cache_frames=cfg.cache_frames,
+                                                  snap_queries=cfg.snap_queries))
     return ConcatGeometry(sources) if sources else None
 
 
