@@ -232,3 +232,81 @@ def convert(dataset: str, src: Path, out: Path, workers: int, shard: str, overwr
         click.echo(f"  FAILED {scene}: {err}", err=True)
     if report.failed:
         raise SystemExit(1)
+
+
+def _name_values(text: str | None, cast, what: str) -> dict | None:
+    """'a=1,b=2' -> {'a': cast('1'), ...}."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, sep, val = part.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = cast(val)
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: expected name=value (e.g. dl3dv=2,co3d=1)", param_hint=what) from None
+    return out
+
+
+@data.command("manifest")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Manifest folder to write (manifest.json + shard-*.parquet).")
+@click.option("--sequences", type=click.IntRange(min=1), default=None,
+              help="Sequences in total, split over the sources by --weights (default: one per anchor frame).")
+@click.option("--frames", default="8-24", show_default=True,
+              help="Further frames besides the anchor, MIN-MAX (the paper: 8-24).")
+@click.option("--radius", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Other frames come from |i - anchor| <= radius.")
+@click.option("--weights", default=None,
+              help="Per-source share of --sequences, name=w,... (default: by frame count).")
+@click.option("--lengths", default=None, help="Fixed sequences per source, name=n,... (VGGT's len_train).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--shard-rows", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Rows per parquet shard (a rank reads only the shards it owns).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing manifest at OUT.")
+def manifest(sources: tuple[str, ...], out: Path, sequences: int | None, frames: str, radius: int,
+             weights: str | None, lengths: str | None, seed: int, shard_rows: int, overwrite: bool) -> None:
+    """Write a deterministic, sharded list of training sequences over dataset folders.
+
+    \b
+    SOURCES: dataset folders of canonical scenes, each NAME=DIR or DIR (named after the folder).
+    Train on it with `--set data.manifest=OUT`; the run records the manifest's id and refuses to
+    resume on a changed one.
+    """
+    from gasp_vlm.data.manifest import ManifestSpec, build_manifest, scan_source
+    from gasp_vlm.data.scene import SceneError
+
+    named: dict[str, Path] = {}
+    for s in sources:
+        name, sep, path = s.partition("=")
+        p = Path(path if sep else s).expanduser()
+        name = name if sep else p.name
+        if not p.is_dir():
+            raise click.BadParameter(f"{p}: no such folder", param_hint="SOURCES")
+        if name in named:
+            raise click.BadParameter(f"two sources named {name!r}; use NAME=DIR", param_hint="SOURCES")
+        named[name] = p
+    try:
+        lo, hi = (int(x) for x in frames.split("-"))
+    except ValueError:
+        raise click.BadParameter(f"{frames!r}: expected MIN-MAX, e.g. 8-24", param_hint="--frames") from None
+    w = _name_values(weights, float, "--weights")
+    ln = _name_values(lengths, int, "--lengths")
+    t0 = time.perf_counter()
+    try:
+        if sequences is None and not ln:  # one sequence per anchor frame of every source
+            sequences = sum(c for p in named.values() for _, c in scan_source(p))
+        spec = ManifestSpec(sequences=sequences or 0, frames_min=lo, frames_max=hi, radius=radius, seed=seed,
+                            shard_rows=shard_rows, weights=w, lengths=ln)
+        path = build_manifest(named, out, spec, overwrite=overwrite)
+    except SceneError as e:
+        raise click.ClickException(str(e)) from None
+    import json
+
+    meta = json.loads((path / "manifest.json").read_text())
+    per = ", ".join(f"{s['name']} {s['rows']}" for s in meta["sources"])
+    click.echo(f"{meta['rows']} sequences ({per}) in {len(meta['shards'])} shards, id {meta['id']}, "
+               f"{time.perf_counter() - t0:.1f} s -> {path}")

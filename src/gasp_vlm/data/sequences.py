@@ -179,33 +179,47 @@ class GeometrySequenceSource:
         """Frames of a scene may differ in size: every frame is brought to the anchor frame's (H, W) by
         ``resize_view`` (intrinsics scaled exactly), so a sample always has one size."""
         k, ids, pos = self.frame_ids(index, num_frames)
-        sc = self.scenes[k]
-        frames = [self._read(k, "image", i) for i in ids]
-        depths = [self._read(k, "depth", i) for i in ids]
-        objects = [self._read(k, "objects", i) for i in ids] if sc.has_objects else None
-        K = sc.intrinsics[ids].copy()
-        hw = frames[pos].shape[:2]
-        for j in range(len(ids)):
-            if frames[j].shape[:2] != hw:
-                frames[j], depths[j], obj, K[j] = resize_view(frames[j], depths[j], None if objects is None
-                                                              else objects[j], K[j], hw)
-                if objects is not None:
-                    objects[j] = obj
-        return dict(kind="geo", frames=frames, depths=depths, K=K, cam_from_world=sc.cam_from_worlds[ids].copy(),
-                    scene=sc.name, frame_ids=ids, anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
+        return load_views(self.scenes[k], ids, pos, lambda kind, i: self._read(k, kind, i), index)
 
     def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:
-        sparse = self.snap_queries == "on" or (self.snap_queries == "auto"
-                                               and (item.get("meta") or {}).get("depth_source") == "sparse")
-        kw = dict(grid=self.grid, fine_per_token=self.fine_per_token, rel_tol=self.rel_tol,
-                  min_valid_fraction=SPARSE_MIN_VALID if sparse and self.snap_queries == "auto"
-                  else self.min_valid_fraction, snap_queries=sparse)
-        if self.anchors == "all":  # every frame an anchor in turn (more pairs per step; training only)
-            a = int(item["anchor"])
-            order = [a] + [f for f in range(len(item["frames"])) if f != a]
-            return build_multi_anchor_targets(layout, item["depths"], item["K"], item["cam_from_world"], order, **kw)
-        return build_token_targets(layout, item["depths"], item["K"], item["cam_from_world"], anchor_frame=int(item["anchor"]),
-                                   **kw)
+        return sequence_targets(layout, item, grid=self.grid, fine_per_token=self.fine_per_token,
+                                rel_tol=self.rel_tol, min_valid_fraction=self.min_valid_fraction,
+                                anchors=self.anchors, snap_queries=self.snap_queries)
+
+
+def load_views(sc: Scene, ids: Sequence[int], pos: int, read, index: int) -> dict[str, Any]:
+    """The source item of frames ``ids`` of scene ``sc`` (anchor at ``pos``); ``read(kind, i)`` reads
+    ``image`` / ``depth`` / ``objects`` of frame i (possibly cached). Frames of another size than the
+    anchor's are resized to it (``resize_view``), so an item always has one size."""
+    frames = [read("image", i) for i in ids]
+    depths = [read("depth", i) for i in ids]
+    objects = [read("objects", i) for i in ids] if sc.has_objects else None
+    K = sc.intrinsics[list(ids)].copy()
+    hw = frames[pos].shape[:2]
+    for j in range(len(ids)):
+        if frames[j].shape[:2] != hw:
+            frames[j], depths[j], obj, K[j] = resize_view(frames[j], depths[j], None if objects is None
+                                                          else objects[j], K[j], hw)
+            if objects is not None:
+                objects[j] = obj
+    return dict(kind="geo", frames=frames, depths=depths, K=K, cam_from_world=sc.cam_from_worlds[list(ids)].copy(),
+                scene=sc.name, frame_ids=list(ids), anchor=pos, objects=objects, meta=dict(sc.meta), index=index)
+
+
+def sequence_targets(layout: "TokenLayout", item: dict, *, grid: str, fine_per_token: int, rel_tol: float,
+                     min_valid_fraction: float, anchors: str, snap_queries: str) -> TokenTargets:
+    """TokenTargets of a source item under a source's settings (see GeometrySequenceSource)."""
+    sparse = snap_queries == "on" or (snap_queries == "auto"
+                                      and (item.get("meta") or {}).get("depth_source") == "sparse")
+    kw = dict(grid=grid, fine_per_token=fine_per_token, rel_tol=rel_tol,
+              min_valid_fraction=SPARSE_MIN_VALID if sparse and snap_queries == "auto" else min_valid_fraction,
+              snap_queries=sparse)
+    if anchors == "all":  # every frame an anchor in turn (more pairs per step; training only)
+        a = int(item["anchor"])
+        order = [a] + [f for f in range(len(item["frames"])) if f != a]
+        return build_multi_anchor_targets(layout, item["depths"], item["K"], item["cam_from_world"], order, **kw)
+    return build_token_targets(layout, item["depths"], item["K"], item["cam_from_world"],
+                               anchor_frame=int(item["anchor"]), **kw)
 
 
 class GeometrySequenceDataset(torch.utils.data.Dataset):

@@ -75,6 +75,10 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     geometry: list[str] = field(default_factory=list)  # scene folders, or "toy" (built-in, see toy_geometry.py)
+    # a sequence manifest (`gasp data manifest`, data/manifest.py) instead of scanning geometry folders:
+    # each rank reads only its shards; scene metadata loads on first use
+    manifest: str | None = None
+    manifest_id: str | None = None  # filled in by the trainer from the manifest (a resume checks it)
     toy_sequences: int = 64  # size of the built-in toy set
     frame_hw: list[int] = field(default_factory=lambda: [112, 112])  # toy frame size
     frames_min: int = 8
@@ -170,8 +174,11 @@ class TrainConfig:
             (self.data.max_length is None or self.data.max_length > 0, "data.max_length", "must be > 0 (or null)"),
             (0.0 <= self.data.max_bad_media_fraction <= 1.0, "data.max_bad_media_fraction", "must be in [0, 1]"),
             (self.data.bad_media_min_tries >= 1, "data.bad_media_min_tries", "must be >= 1"),
-            (self.data.instruction_ratio == 1 or bool(self.data.geometry), "data.geometry",
-             "needs at least one geometry source (a scene folder or 'toy') unless instruction_ratio = 1"),
+            (self.data.instruction_ratio == 1 or bool(self.data.geometry) or bool(self.data.manifest), "data.geometry",
+             "needs at least one geometry source (a scene folder, 'toy' or data.manifest) unless "
+             "instruction_ratio = 1"),
+            (not (self.data.manifest and self.data.geometry), "data.manifest",
+             "set either data.manifest or data.geometry, not both (a manifest already names its datasets)"),
             (self.optim.max_steps > 0, "optim.max_steps", "must be > 0"),
             (self.optim.epochs is None or self.optim.epochs > 0, "optim.epochs", "must be > 0 (or null: use max_steps)"),
             (self.data.batch_size > 0, "data.batch_size", "must be > 0"),

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from gasp_vlm.io import write_json_atomic
 from gasp_vlm.method.gasp import GaspModel, Part, build_heads
 from gasp_vlm.train.bad_media import BadMediaTracker
 from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
@@ -78,8 +79,9 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine", min_
 def steps_for_epochs(cfg: TrainConfig, data: StepBatches, world: int) -> int:
     """Optimizer steps for ``optim.epochs`` passes over the geometry sequences (the instruction set when
     there is no geometry): each step takes batch_size × world × grad_accum sequences of the stream."""
-    if data.geometry is not None:
-        n, per_step = len(data.geometry), cfg.data.batch_size * world * cfg.optim.grad_accum
+    if data.geometry is not None:  # a manifest source holds one rank's rows; ``total`` is all of them
+        n = getattr(data.geometry, "total", len(data.geometry))
+        per_step = cfg.data.batch_size * world * cfg.optim.grad_accum
     else:
         n = len(data.instructions)
         per_step = cfg.data.batch_size * world * cfg.optim.grad_accum * cfg.data.instruction_ratio
@@ -135,6 +137,9 @@ class GaspRecipe:
         # (``geometry_parts=True``: the step-time benchmark's baseline forward on the same batches)
         self.data = StepBatches(cfg.data, rank=acc.process_index, world=acc.num_processes, work_dir=self.out_dir,
                                 geometry_parts=not cfg.gasp.lm_only if geometry_parts is None else geometry_parts)
+        if cfg.data.manifest:  # the manifest's identity is part of the config: a resume refuses another one
+            self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                              manifest_id=self.data.geometry.id))
         if cfg.optim.epochs is not None:  # before the resume check: the derived length is part of the config
             self.cfg = cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
                 cfg.optim, max_steps=steps_for_epochs(cfg, self.data, acc.num_processes)))
@@ -352,6 +357,10 @@ class GaspRecipe:
             tmp = self.out_dir / ".config.yaml.tmp"
             save_config(cfg, tmp)
             os.replace(tmp, self.out_dir / "config.yaml")
+            if cfg.data.manifest:  # which sequences this run trained on
+                write_json_atomic(self.out_dir / "data_manifest.json",
+                                  {"path": str(Path(cfg.data.manifest).expanduser().resolve()),
+                                   **self.data.geometry.meta})
             log = JsonlLog(self.out_dir / "logs" / "train.jsonl", self.step if self.resumed_from else None)
             tb = self._tensorboard()
             wandb_run = self._wandb()

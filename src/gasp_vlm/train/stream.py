@@ -10,7 +10,9 @@ frame counts of every micro-batch (same module calls everywhere: DDP/ZeRO never 
   L = L_LM + λ_corr·L_corr + λ_depth·L_depth, with the λ's its only weights. ρ = 1 (the 7B configs):
   every optimizer step; ρ < 1 (cheap miniatures) adds L_LM to that fraction of micro-batches.
 - Sample indices: the k-th part of a kind takes global positions p = (k·world + rank)·B + j of an
-  endless stream that reshuffles each epoch (permutation seeded by (seed, epoch)).
+  endless stream that reshuffles each epoch (permutation seeded by (seed, epoch)). A manifest source
+  (data/manifest.py) is per rank instead: its k-th part takes local positions k·B + j over the rows
+  this rank owns, in manifest order in the first epoch.
 - Frame count of a geometry part: uniform in [frames_min, frames_max], seeded by (seed, step).
 - Bad media: an instruction sample whose media is missing or undecodable (MediaError) is replaced by
   shuffled_index(idx, n, key_k) for k = 1, 2, ... (a fixed sequence per index, so resume sees the same
@@ -131,7 +133,17 @@ class ToyGeometrySource:
         return ortho_targets(layout, item)
 
 
-def build_geometry(cfg: DataConfig) -> ConcatGeometry | None:
+def build_geometry(cfg: DataConfig, rank: int = 0, world: int = 1):
+    """The geometry source of ``cfg``: a manifest (per rank) or the concatenation of data.geometry."""
+    if cfg.manifest:
+        from gasp_vlm.data.manifest import ManifestGeometrySource
+
+        src = ManifestGeometrySource(Path(cfg.manifest).expanduser(), rank=rank, world=world, grid=cfg.grid,
+                                     anchors=cfg.anchors, snap_queries=cfg.snap_queries)
+        if cfg.manifest_id is not None and cfg.manifest_id != src.id:
+            raise ConfigError(f"config key 'data.manifest': {cfg.manifest} has id {src.id}, but this run was made "
+                              f"with manifest id {cfg.manifest_id} (the manifest changed); use the original")
+        return src
     sources = []
     for entry in cfg.geometry:
         if entry == "toy":
@@ -225,7 +237,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, geometry=None, instructions=None,
                  work_dir: str | Path | None = None, geometry_parts: bool = True) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.geometry = geometry if geometry is not None else build_geometry(cfg)
+        self.geometry = geometry if geometry is not None else build_geometry(cfg, rank, world)
         if instructions is None:
             instructions = build_instructions(cfg, work_dir)
         self.instructions = instructions
@@ -259,6 +271,8 @@ class StepBatches(torch.utils.data.Dataset):
                     item, skipped = robust_instruction_sample(src, pos, c.seed + 1000, n_frames)
                     bad += skipped
                     items.append(item)
+                elif getattr(src, "per_rank", False):  # a manifest: this rank's own rows, in order
+                    items.append(src.sample(src.stream_index(k * c.batch_size + j, c.seed), n_frames))
                 else:
                     items.append(src.sample(_stream_index(pos, len(src), c.seed), n_frames))
             parts.append(dict(kind=kind, items=items))
