@@ -58,7 +58,7 @@ def test_heads_lr_grads_frozen_vision_and_clipping(tmp_path):
     assert vision and not any(p.requires_grad for p in vision)
 
     # the frozen tower's features carry no graph
-    (part,) = r.micro_batch(0)
+    (part,), _ = r.micro_batch(0)
     prepared = part.batch
     enc = r.adapter.encode_visual_frozen(prepared)["mm_encoder_outputs"]["video"]
     feats = enc.pooler_output if hasattr(enc, "pooler_output") else enc

@@ -119,3 +119,30 @@ def test_the_stream_is_a_fresh_permutation_every_epoch():
     # roughly uniform: where item 0 lands over many keys
     firsts = np.bincount([shuffled_index(0, 10, k) for k in range(5000)], minlength=10)
     assert firsts.min() > 400 and firsts.max() < 600
+
+
+def test_workers_build_the_same_ready_batches_without_the_model():
+    """PreparedSteps in DataLoader workers (tokens, pixels, targets made there) == built in-line, and the
+    workers' adapter copy carries no weights."""
+    from gasp_vlm.models import load_adapter
+    from gasp_vlm.train.stream import PreparedSteps
+
+    ad = load_adapter("tiny-qwen2.5-vl", overrides={"num_hidden_layers": 1})
+    light = ad.preparer()
+    assert light.model is None and ad.model is not None
+    steps = PreparedSteps(StepBatches(_data_cfg(frames_min=3, frames_max=4)), light, "Describe.")
+    inline = [steps[s] for s in range(4)]
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(4), num_workers=2,
+                                         collate_fn=lambda x: x, prefetch_factor=2)
+    for a, b in zip(inline, loader):
+        assert a["step"] == b["step"] and b["load_s"] >= 0 and b["prep_s"] > 0
+        for pa, pb in zip(a["parts"], b["parts"]):
+            assert pa["kind"] == pb["kind"]
+            for k, v in pa["batch"].inputs.items():
+                assert torch.equal(v, pb["batch"].inputs[k]), k
+            for ta, tb in zip(pa["targets"], pb["targets"]):
+                assert torch.equal(ta.target_tokens, tb.target_tokens) and torch.equal(ta.valid, tb.valid)
+    # the copy prepares exactly what the full adapter does
+    frames = steps.steps[0]["parts"][0]["items"][0]["frames"]
+    full = ad.prepare_frames([frames], prompt="Describe.")
+    assert torch.equal(full.inputs["input_ids"], inline[0]["parts"][0]["batch"].inputs["input_ids"])

@@ -36,10 +36,17 @@ class PreparedBatch:
         """(B, N) sequence indices of the visual tokens of each sample."""
         return torch.stack([lay.positions for lay in self.layouts]).to(self.inputs["input_ids"].device)
 
-    def to(self, device: torch.device | str) -> "PreparedBatch":
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
-        labels = self.labels.to(device) if self.labels is not None else None
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PreparedBatch":
+        inputs = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                  for k, v in self.inputs.items()}
+        labels = self.labels.to(device, non_blocking=non_blocking) if self.labels is not None else None
         return PreparedBatch(inputs, self.layouts, labels)
+
+    def pin_memory(self) -> "PreparedBatch":
+        """Page-locked copies of the tensors (DataLoader(pin_memory=True) calls this), so the host->GPU
+        copy of the pixels can overlap compute."""
+        inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return PreparedBatch(inputs, self.layouts, self.labels.pin_memory() if self.labels is not None else None)
 
 
 def as_uint8_frames(frames: Sequence[Any], where: str = "frames") -> list[np.ndarray]:
@@ -124,6 +131,15 @@ class VLMAdapter:
 
     default_frame_mode = "video"
     frame_modes: tuple[str, ...] = ("video",)
+
+    def preparer(self) -> "VLMAdapter":
+        """A copy without the model, for DataLoader workers: encoding (tokeniser, pixels, layouts) needs
+        only the tokenizer and the processor settings, and a worker must never hold the weights."""
+        import copy
+
+        light = copy.copy(self)
+        light.model = None
+        return light
 
     # ---- architecture facts ------------------------------------------------------------------
     @property

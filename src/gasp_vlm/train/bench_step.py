@@ -93,7 +93,7 @@ def benchmark_train_step(cfg: TrainConfig, steps: int = 5, warmup: int = 2, out_
 def _batch_info(recipe: GaspRecipe) -> dict[str, Any]:
     """Shape of micro-batch 0, and the LM logits it would need with full-sequence vs answer-only logits
     (bf16 logits + their fp32 upcast: 6 bytes per logit) -- the memory models/base.py no longer spends."""
-    parts = recipe.micro_batch(0)
+    parts, _ = recipe.micro_batch(0)
     (part,) = [p for p in parts if p.kind == "geo"]
     prepared = part.batch
     a = recipe.adapter

@@ -109,7 +109,9 @@ class DataConfig:
     bad_media_min_tries: int = 100  # ...but only after this many were tried
     prompt: str = "Describe the scene."  # user text of geometry samples (they carry no answer)
     batch_size: int = 1
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes building each step's tokens, pixels and targets
+    prefetch_factor: int = 2  # steps each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for an asynchronous host->GPU copy (CUDA only)
     seed: int = 0
 
 

@@ -56,7 +56,7 @@ from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
 from gasp_vlm.train.engine import deepspeed_plugin, fill_deepspeed_auto, mixed_precision
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
 from gasp_vlm.train.resume import check_resume_config
-from gasp_vlm.train.stream import StepBatches, prepare_step
+from gasp_vlm.train.stream import PreparedSteps, StepBatches
 from gasp_vlm.train.watch import (JsonlLog, console_line, flops_per_token, plot_per_layer_losses, step_scalars,
                                   throughput, token_counts)
 
@@ -175,6 +175,9 @@ class GaspRecipe:
             # transformers also hooks the input embeddings to require grad (needed only by reentrant
             # checkpointing); with use_reentrant=False that just builds graph for nothing
             adapter.model.disable_input_require_grads()
+        # what DataLoader workers run: the step's samples -> tokens, pixels, GT targets (no weights there)
+        self.prepared = PreparedSteps(self.data, adapter.preparer(), cfg.data.prompt, cfg.model.frame_mode,
+                                      cfg.data.max_length)
         self.gasp_model = gm = GaspModel(backbone, adapter, self.heads, cfg.gasp)
         gm.train()
         adapter.vision_module().eval()  # frozen tower: no dropout, run under no_grad
@@ -225,28 +228,23 @@ class GaspRecipe:
             print(msg, flush=True)
 
     # ---- one step --------------------------------------------------------------------------------
-    def micro_batch(self, index: int, raw: dict | None = None, stats: dict | None = None) -> list[Part]:
-        """Micro-batch ``index`` -> its parts (geometry, then instruction), on device.
+    def micro_batch(self, index: int, raw: dict | None = None) -> tuple[list[Part], dict]:
+        """Micro-batch ``index`` -> (its parts on device, geometry first, then instruction; its record).
 
-        ``raw`` is ``self.data[index]`` when a DataLoader worker already loaded it; ``stats`` collects
-        the turns dropped to fit data.max_length (stream.prepare_conversations)."""
-        batch = self.data[index] if raw is None else raw
+        ``raw`` is ``self.prepared[index]`` when a DataLoader worker already built it (tokens, pixels
+        and targets are made there); else it is built here."""
+        rec = self.prepared[index] if raw is None else raw
         dev = self.accelerator.device
-        parts = []
-        for part in batch["parts"]:
-            prepared, targets, rows = prepare_step(self.adapter, part, self.data.geometry, self.cfg.data.prompt,
-                                                   self.cfg.model.frame_mode, max_length=self.cfg.data.max_length,
-                                                   stats=stats)
-            parts.append(Part(prepared.to(dev), targets, rows.to(dev) if rows is not None else None))
-        return parts
+        parts = [Part(p["batch"].to(dev, non_blocking=True), p["targets"],
+                      p["rows"].to(dev) if p["rows"] is not None else None) for p in rec["parts"]]
+        return parts, rec
 
     def forward_backward(self, index: int, raw: dict | None = None) -> dict[str, Any]:
         """Forward + backward of micro-batch ``index`` (gradients accumulate; no optimizer step): all its
         parts in one forward, so one backward carries L_LM + λ_corr·L_corr + λ_depth·L_depth."""
         t0 = time.perf_counter()
-        raw = self.data[index] if raw is None else raw
-        stats: dict[str, int] = {}
-        parts = self.micro_batch(index, raw, stats)
+        parts, raw = self.micro_batch(index, raw)
+        stats = raw["stats"]
         t_data = time.perf_counter() - t0
         # anchor subsampling: a generator seeded by the micro-step, so resume needs no extra state
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
@@ -424,13 +422,17 @@ class GaspRecipe:
         return last
 
     def _prefetch(self, start: int, stop: int):
-        """Iterator over raw micro-batches [start, stop) loaded by ``data.num_workers`` worker processes
-        (media decoding off the training process), or None to load in-line."""
-        n = self.cfg.data.num_workers
-        if n <= 0 or stop <= start:
+        """Iterator over prepared micro-batches [start, stop) built by ``data.num_workers`` worker
+        processes (decoding, targets, pixels and collation off the training process), pinned for an
+        asynchronous copy to the GPU; None to build them in-line. One loader serves the whole run, so
+        its workers persist."""
+        d = self.cfg.data
+        if d.num_workers <= 0 or stop <= start:
             return None
-        loader = torch.utils.data.DataLoader(self.data, batch_size=None, sampler=range(start, stop), num_workers=n,
-                                             collate_fn=_keep_as_is, prefetch_factor=2)
+        loader = torch.utils.data.DataLoader(self.prepared, batch_size=None, sampler=range(start, stop),
+                                             num_workers=d.num_workers, collate_fn=_keep_as_is,
+                                             prefetch_factor=d.prefetch_factor,
+                                             pin_memory=d.pin_memory and self.accelerator.device.type == "cuda")
         return iter(loader)
 
     def _wandb(self):

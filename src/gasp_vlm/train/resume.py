@@ -11,7 +11,7 @@ from gasp_vlm.train.config import ConfigError, TrainConfig
 
 RESUME_MAY_DIFFER = frozenset({
     "output_dir", "save_every", "keep_last", "log_every", "report_to", "activation_checkpointing",
-    "data.num_workers", "data.cache_frames", "data.decode_threads", "gasp.batched_layers"})
+    "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.cache_frames", "data.decode_threads", "gasp.batched_layers"})
 RESUME_WARN = frozenset({"optim.max_steps"})
 
 

@@ -279,6 +279,37 @@ class StepBatches(torch.utils.data.Dataset):
         return dict(step=step, parts=parts, bad_media=bad)
 
 
+class PreparedSteps(torch.utils.data.Dataset):
+    """``StepBatches`` plus the CPU half of every part (tokenisation, pixel patches, GT targets,
+    collation), so DataLoader workers hand the trainer ready batches: ``ds[step]`` ->
+    dict(step, parts=[dict(kind, batch=PreparedBatch, targets, rows)], bad_media, stats, load_s, prep_s).
+
+    ``adapter`` should be ``adapter.preparer()`` (no model weights in the workers)."""
+
+    def __init__(self, steps: StepBatches, adapter, prompt: str, frame_mode: str | None = None,
+                 max_length: int | None = None) -> None:
+        self.steps, self.adapter, self.prompt = steps, adapter, prompt
+        self.frame_mode, self.max_length = frame_mode, max_length
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, step: int) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        raw = self.steps[step]
+        t1 = time.perf_counter()
+        stats: dict[str, int] = {}
+        parts = []
+        for part in raw["parts"]:
+            batch, targets, rows = prepare_step(self.adapter, part, self.steps.geometry, self.prompt, self.frame_mode,
+                                                max_length=self.max_length, stats=stats)
+            parts.append(dict(kind=part["kind"], batch=batch, targets=targets, rows=rows))
+        return dict(step=raw["step"], parts=parts, bad_media=raw["bad_media"], stats=stats, load_s=t1 - t0,
+                    prep_s=time.perf_counter() - t1)
+
+
 def prepare_step(adapter, batch: dict, geometry, prompt: str, frame_mode: str | None = None,
                  max_length: int | None = None, stats: dict | None = None):
     """One part of a step batch (dict(kind, items)) -> (PreparedBatch, targets list | None, rows | None).
