@@ -188,6 +188,12 @@ def test_cli_convert_writes_the_report_and_exits_1_on_failures(tmp_path):
                                   str(tmp_path / "out"), "--workers", "2", "--max-frames", "1"])
     assert r.exit_code == 0, r.output  # frame 1 (the broken one) is beyond --max-frames
     assert load_scene(tmp_path / "out" / pids[0]).num_frames == 1
+    r = CliRunner().invoke(main, ["data", "convert", "blendedmvs", str(tmp_path / "src" / pids[0]), "--out",
+                                  str(tmp_path / "half"), "--depth-format", "float16"])
+    assert r.exit_code == 0, r.output
+    half = load_scene(tmp_path / "half")
+    assert half.meta["depth_format"] == "float16" and np.load(half.depth_path(0)).dtype == np.float16
+    assert (tmp_path / "half.convert_report.json").is_file()  # one scene: the report sits beside it
     r = CliRunner().invoke(main, ["data", "convert", "blendedmvs", str(tmp_path / "src"), "--out",
                                   str(tmp_path / "out2"), "--shard", "1/2"])
     assert r.exit_code == 1 and "FAILED" in r.output and "00000001.pfm" in r.output

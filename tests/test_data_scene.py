@@ -277,3 +277,44 @@ def test_scene_class_rejects_malformed_scenes(scene_copy):
         Scene(scene_copy)
     with pytest.raises(SceneError, match="not a scene directory"):
         Scene(scene_copy / "nope")
+
+
+@pytest.mark.parametrize("fmt,rtol,ext", [("float16", 1e-3, ".npy"), ("png16", 0, ".png"), ("png16:250", 0, ".png")])
+def test_compact_depth_formats_round_trip_and_check(tmp_path, fmt, rtol, ext):
+    from gasp_vlm.data.scene_check import check_scene
+
+    rng = np.random.default_rng(0)
+    d = np.round(rng.uniform(0.5, 9.0, (12, 16)) * 1000) / 1000  # mm steps: png16 at 1000 is exact
+    d[0, :4] = 0.0
+    if fmt == "png16:250":
+        d = np.round(d * 250) / 250
+    img = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    K = np.array([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]])
+    out = write_scene(tmp_path / fmt.replace(":", "_"), [img], [d.astype(np.float32)], K[None],
+                      np.eye(4)[None, :3], depth_format=fmt)
+    sc = load_scene(out)
+    assert sc.depth_path(0).suffix == ext and sc.depth_path(0).is_file() and check_scene(out).ok
+    got = sc.depth(0)
+    assert got.dtype == np.float32 and (got[0, :4] == 0).all()
+    np.testing.assert_allclose(got, d, rtol=rtol, atol=1e-6 if rtol == 0 else 0)
+    full = write_scene(tmp_path / "f32", [img], [d.astype(np.float32)], K[None], np.eye(4)[None, :3])
+    assert sc.depth_path(0).stat().st_size < load_scene(full).depth_path(0).stat().st_size
+
+
+def test_compact_depth_refusals(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    K = np.array([[10.0, 0, 2], [0, 10.0, 2], [0, 0, 1]])
+    with pytest.raises(SceneError, match="exceeds the png16 range"):
+        write_scene(tmp_path / "a", [img], [np.full((4, 4), 70.0, np.float32)], K[None], np.eye(4)[None, :3],
+                    depth_format="png16")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(SceneError, match="use float32, float16 or png16"):
+        write_scene(tmp_path / "b", [img], [np.ones((4, 4), np.float32)], K[None], np.eye(4)[None, :3],
+                    depth_format="jpeg")
+    out = write_scene(tmp_path / "c", [img], [np.ones((4, 4), np.float32)], K[None], np.eye(4)[None, :3],
+                      depth_format="float16")
+    meta = json.loads((out / "scene.json").read_text())
+    meta["depth_format"] = "exr"
+    (out / "scene.json").write_text(json.dumps(meta))
+    with pytest.raises(SceneError, match="depth_format"):
+        load_scene(out)

@@ -177,6 +177,9 @@ def tracks(scene: Path, anchor: int, targets: str, stride: float, rel_tol: float
 @click.option("--allow-distortion", is_flag=True, default=None,
               help="[dl3dv transforms.json, scannetpp iphone] Ignore lens distortion instead of refusing it.")
 @click.option("--distortion-tol", type=float, default=None, help="Largest |coefficient| treated as no distortion.")
+@click.option("--depth-format", default=None,
+              help="How depth is stored: float32 (default, exact), float16 (half the bytes) or png16[:SCALE] "
+                   "(16-bit PNG of depth x SCALE, default 1000 = mm for metres).")
 @click.option("--frame-step", type=click.IntRange(min=1), default=None, help="Keep every k-th frame.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="At most this many frames per scene.")
 @click.option("--intrinsics", type=click.Choice(["depth", "color"]), default=None,

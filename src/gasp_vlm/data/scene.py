@@ -5,7 +5,9 @@
   scene.json            {"format": "gasp-scene/1", "source": ..., "depth_units": ..., ...}
   image_names.json      ordered list of file names; the order defines the frame index
   images/<name>         RGB png/jpg
-  depths/<stem>.npy     float32 (H, W) z-depth along the optical axis; 0 = invalid
+  depths/<stem>.npy     float32 (H, W) z-depth along the optical axis; 0 = invalid -- or, as scene.json
+                        "depth_format" says: float16 .npy, or png16 = depths/<stem>.png uint16 holding
+                        round(depth * depth_png_scale) (0 = invalid); readers return float32 either way
   intrinsics.npy        (N, 3, 3) pixels; pixel (col, row) has its centre at (col+0.5, row+0.5)
   cam_from_worlds.npy   (N, 3, 4) OpenCV axes (x right, y down, z forward)
   objects/<stem>.npy    optional int16 (H, W) per-pixel object id (synthetic scenes; -1 = none)
@@ -114,6 +116,11 @@ def read_meta(scene_dir: Path) -> dict:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         _fail(scene_dir, "scene.json", f"missing keys {missing}")
+    fmt = meta.get("depth_format", "float32")
+    if fmt not in DEPTH_FORMATS:
+        _fail(scene_dir, "scene.json", f"'depth_format' is {fmt!r}, must be one of {DEPTH_FORMATS}")
+    if fmt == "png16" and not (isinstance(meta.get("depth_png_scale"), (int, float)) and meta["depth_png_scale"] > 0):
+        _fail(scene_dir, "scene.json", "png16 depth needs a positive 'depth_png_scale'")
     return meta
 
 
@@ -168,18 +175,65 @@ def depth_values_problem(d: np.ndarray) -> str | None:
     return None
 
 
-def read_depth(scene_dir: Path, name: str, image_hw: tuple[int, int] | None) -> np.ndarray:
-    """float32 (H, W) z-depth of image ``name``, checked against its image's (H, W) when given."""
-    file = f"depths/{Path(name).stem}.npy"
-    d = _read_npy(scene_dir, file)
-    if d.ndim != 2 or d.dtype != np.float32:
-        _fail(scene_dir, file, f"expected a float32 (H, W) array, got {d.dtype} with shape {d.shape}")
+DEPTH_FORMATS = ("float32", "float16", "png16")
+
+
+def parse_depth_format(text: str) -> tuple[str, float | None]:
+    """``float32`` | ``float16`` | ``png16[:SCALE]`` (values per depth unit, default 1000: mm for metres)."""
+    kind, _, scale = str(text).partition(":")
+    if kind not in DEPTH_FORMATS or (scale and kind != "png16"):
+        raise SceneError(f"depth format {text!r}: use float32, float16 or png16[:SCALE]")
+    if kind != "png16":
+        return kind, None
+    try:
+        s = float(scale) if scale else 1000.0
+    except ValueError:
+        raise SceneError(f"depth format {text!r}: SCALE must be a number") from None
+    if not s > 0:
+        raise SceneError(f"depth format {text!r}: SCALE must be > 0")
+    return kind, s
+
+
+def depth_file(meta: dict, name: str) -> str:
+    return f"depths/{Path(name).stem}.{'png' if meta.get('depth_format') == 'png16' else 'npy'}"
+
+
+def read_depth(scene_dir: Path, name: str, image_hw: tuple[int, int] | None, meta: dict | None = None) -> np.ndarray:
+    """float32 (H, W) z-depth of image ``name``, checked against its image's (H, W) when given; ``meta``
+    (scene.json) says how it is stored (float32 when absent)."""
+    meta = meta or {}
+    file = depth_file(meta, name)
+    if meta.get("depth_format") == "png16":
+        d = _read_png16(scene_dir, file) / np.float32(meta.get("depth_png_scale", 1000.0))
+    else:
+        d = _read_npy(scene_dir, file)
+        want = np.float16 if meta.get("depth_format") == "float16" else np.float32
+        if d.ndim != 2 or d.dtype != want:
+            _fail(scene_dir, file, f"expected a {np.dtype(want).name} (H, W) array, got {d.dtype} with shape {d.shape}")
+        d = d.astype(np.float32, copy=False)
     if image_hw is not None and d.shape != tuple(image_hw):
         _fail(scene_dir, file, f"shape mismatch: depth {d.shape} vs image {tuple(image_hw)} (H, W)")
     problem = depth_values_problem(d)
     if problem:
         _fail(scene_dir, file, problem)
     return d
+
+
+def _read_png16(scene_dir: Path, file: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(scene_dir / file) as im:
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                _fail(scene_dir, file, f"expected a 16-bit single-channel PNG, got mode {im.mode!r}")
+            arr = np.array(im)
+    except FileNotFoundError:
+        _fail(scene_dir, file, "missing file")
+    except OSError as e:
+        _fail(scene_dir, file, f"unreadable PNG ({e})")
+    if arr.ndim != 2:
+        _fail(scene_dir, file, f"expected (H, W), got shape {arr.shape}")
+    return arr.astype(np.float32)
 
 
 def read_objects(scene_dir: Path, name: str, hw: tuple[int, int]) -> np.ndarray:
@@ -232,7 +286,7 @@ class Scene:
         return self.path / "images" / self.image_names[i]
 
     def depth_path(self, i: int) -> Path:
-        return self.path / "depths" / f"{self.stem(i)}.npy"
+        return self.path / depth_file(self.meta, self.image_names[i])
 
     def objects_path(self, i: int) -> Path:
         return self.path / "objects" / f"{self.stem(i)}.npy"
@@ -243,7 +297,7 @@ class Scene:
 
     def depth(self, i: int) -> np.ndarray:
         """(H, W) float32 z-depth of frame i (0 = invalid), checked against the image's size."""
-        return read_depth(self.path, self.image_names[i], self.image_hw(i))
+        return read_depth(self.path, self.image_names[i], self.image_hw(i), self.meta)
 
     def objects(self, i: int) -> np.ndarray | None:
         """(H, W) int16 per-pixel object id of frame i, or None when the scene has no object maps."""
@@ -294,12 +348,19 @@ class SceneWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, source: str, depth_units: str, extra: dict | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, depth_format: str = "float32") -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise SceneError(f"{self.path}: already exists (remove it or choose another output)")
         self.overwrite = overwrite
+        # depth_format: float32 (exact) | float16 (half the bytes, ~5e-4 relative error) | png16[:SCALE]
+        # (16-bit PNG of round(depth * SCALE), default 1000 = mm for metres; values above 65535 / SCALE refused)
+        self.depth_kind, self.depth_scale = parse_depth_format(depth_format)
         self.meta = {"format": FORMAT, "source": source, "depth_units": depth_units, **(extra or {})}
+        if self.depth_kind != "float32":
+            self.meta["depth_format"] = self.depth_kind
+        if self.depth_scale is not None:
+            self.meta["depth_png_scale"] = self.depth_scale
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         (self.tmp / "images").mkdir(parents=True)
         (self.tmp / "depths").mkdir()
@@ -350,13 +411,30 @@ class SceneWriter:
             Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(dst, **kw)
         else:
             shutil.copyfile(image, dst)
-        np.save(self.tmp / "depths" / f"{stem}.npy", np.ascontiguousarray(depth, dtype=np.float32))
+        self._write_depth(name, depth)
         if objects is not None:
             (self.tmp / "objects").mkdir(exist_ok=True)
             np.save(self.tmp / "objects" / f"{stem}.npy", np.ascontiguousarray(objects, dtype=np.int16))
         self.names.append(name)
         self.Ks.append(np.asarray(K, dtype=np.float64).reshape(3, 3))
         self.extrinsics.append(np.asarray(cam_from_world, dtype=np.float64)[:3, :4])
+
+    def _write_depth(self, name: str, depth: np.ndarray) -> None:
+        stem = Path(name).stem
+        if self.depth_kind == "png16":
+            from PIL import Image
+
+            q = np.round(np.asarray(depth, np.float64) * self.depth_scale)
+            if q.max(initial=0) > 65535:
+                raise SceneError(f"{name}: depth {float(depth.max()):.4g} exceeds the png16 range at scale "
+                                 f"{self.depth_scale:g} (max {65535 / self.depth_scale:.4g}); use a smaller "
+                                 "png16:SCALE or float16")
+            Image.fromarray(q.astype(np.uint16)).save(self.tmp / "depths" / f"{stem}.png")
+        else:
+            dtype = np.float16 if self.depth_kind == "float16" else np.float32
+            if dtype == np.float16 and float(np.max(depth, initial=0)) > 65504:
+                raise SceneError(f"{name}: depth {float(depth.max()):.4g} overflows float16; use float32")
+            np.save(self.tmp / "depths" / f"{stem}.npy", np.ascontiguousarray(depth, dtype=dtype))
 
     def close(self) -> Path:
         if self._closed:
@@ -405,10 +483,12 @@ class SceneWriter:
 def write_scene(path: str | os.PathLike, images: Sequence[np.ndarray], depths: Sequence[np.ndarray],
                 intrinsics: np.ndarray, cam_from_worlds: np.ndarray, *, names: Sequence[str] | None = None,
                 source: str = "unknown", depth_units: str = "m", extra: dict | None = None,
-                objects: Sequence[np.ndarray] | None = None, overwrite: bool = False) -> Path:
+                objects: Sequence[np.ndarray] | None = None, overwrite: bool = False,
+                depth_format: str = "float32") -> Path:
     """Write a whole scene from in-memory arrays (atomically). Default names: 000000.png, ..."""
     names = list(names) if names is not None else [f"{i:06d}.png" for i in range(len(images))]
-    with SceneWriter(path, source=source, depth_units=depth_units, extra=extra, overwrite=overwrite) as w:
+    with SceneWriter(path, source=source, depth_units=depth_units, extra=extra, overwrite=overwrite,
+                     depth_format=depth_format) as w:
         for i, name in enumerate(names):
             w.add_frame(name, images[i], depths[i], intrinsics[i], cam_from_worlds[i],
                         None if objects is None else objects[i])

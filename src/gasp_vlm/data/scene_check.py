@@ -45,7 +45,7 @@ def check_scene(path: str | os.PathLike, *, max_problems: int = 20) -> SceneSumm
             s.problems.append(f"scene {path.name}: {e.file or path.name}: {e.problem or e}")
             return None
 
-    attempt(read_meta)
+    meta = attempt(read_meta) or {}
     names = attempt(read_image_names)
     if names is None:
         return s
@@ -61,7 +61,7 @@ def check_scene(path: str | os.PathLike, *, max_problems: int = 20) -> SceneSumm
             break
         rgb = attempt(read_image, name)
         hw = None if rgb is None else rgb.shape[:2]
-        d = attempt(read_depth, name, hw)
+        d = attempt(read_depth, name, hw, meta)
         ref_hw = hw if hw is not None else None if d is None else d.shape
         if has_objects and ref_hw is not None:
             attempt(read_objects, name, ref_hw)

@@ -94,7 +94,7 @@ def arkitscenes_scenes(src: Path) -> list[SceneJob]:
 
 def convert_arkitscenes(src: Path, out: Path, *, depth_scale: float = 1000.0, min_confidence: int = 1,
                         pose_time_tol: float = 0.1, frame_step: int = 1, max_frames: int | None = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One ARKitScenes video folder -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     vid = _video_id(src)
@@ -115,7 +115,7 @@ def convert_arkitscenes(src: Path, out: Path, *, depth_scale: float = 1000.0, mi
             chosen.append((f, j))
     if not chosen:
         raise ConvertError(f"{src / 'lowres_wide.traj'}: no frame has a pose within {pose_time_tol} s")
-    with SceneWriter(out, source="arkitscenes", depth_units="m", overwrite=overwrite,
+    with SceneWriter(out, source="arkitscenes", depth_units="m", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(src), "video_id": vid, "skipped_frames": skipped,
                             "min_confidence": min_confidence}) as w:
         for f, j in subsample(chosen, frame_step, max_frames):

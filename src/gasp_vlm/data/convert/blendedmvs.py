@@ -47,7 +47,7 @@ def blendedmvs_scenes(src: Path) -> list[SceneJob]:
 
 
 def convert_blendedmvs(src: Path, out: Path, *, frame_step: int = 1, max_frames: int | None = None,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One BlendedMVS scene folder -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     img_dir, cam_dir, depth_dir = src / "blended_images", src / "cams", src / "rendered_depth_maps"
@@ -57,7 +57,7 @@ def convert_blendedmvs(src: Path, out: Path, *, frame_step: int = 1, max_frames:
     stems = sorted(p.stem for p in img_dir.glob("*.jpg") if not p.stem.endswith("_masked"))
     if not stems:
         raise ConvertError(f"{img_dir}: no images")
-    with SceneWriter(out, source="blendedmvs", depth_units="scene (reconstruction scale)", overwrite=overwrite,
+    with SceneWriter(out, source="blendedmvs", depth_units="scene (reconstruction scale)", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(src)}) as w:
         for stem in subsample(stems, frame_step, max_frames):
             cam = cam_dir / f"{stem}_cam.txt"

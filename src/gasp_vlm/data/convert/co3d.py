@@ -146,7 +146,7 @@ def co3d_scenes(src: Path, *, sequences: Iterable[str] | None = None) -> list[Sc
 
 
 def convert_co3d_sequence(src: tuple[Path, str], out: Path, *, depth: Path | None = None,
-                          use_depth_masks: bool = True, overwrite: bool = False) -> Path:
+                          use_depth_masks: bool = True, overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One CO3D (category folder, sequence name) -> canonical scene at ``out`` (written atomically)."""
     cat_dir, seq = Path(src[0]), str(src[1])
     root = cat_dir.parent
@@ -155,7 +155,7 @@ def convert_co3d_sequence(src: tuple[Path, str], out: Path, *, depth: Path | Non
     if not entries:
         raise ConvertError(f"{cat_dir}: no frames for sequence {seq}")
     with SceneWriter(out, source="co3d", depth_units="co3d (scale_adjustment applied)",
-                     overwrite=overwrite, extra={"converted_from": str(cat_dir), "sequence": seq,
+                     overwrite=overwrite, depth_format=depth_format, extra={"converted_from": str(cat_dir), "sequence": seq,
                                                  "category": cat_dir.name}) as w:
         for e in entries:
             try:

@@ -200,7 +200,7 @@ def _convert_transforms(src: Path, tf_path: Path, w: SceneWriter, depth: Path, d
 def convert_dl3dv(src: Path, out: Path, *, depth: Path | None = None, depth_source: str = "auto",
                   colmap: Path | None = None, dense: Path | None = None, depth_scale: float = 1000.0,
                   images_dir: str | None = None, allow_distortion: bool = False, distortion_tol: float = 1e-3,
-                  frame_step: int = 1, max_frames: int | None = None, overwrite: bool = False) -> Path:
+                  frame_step: int = 1, max_frames: int | None = None, overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One DL3DV scene folder (or its transforms.json) -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     src = src.parent if src.suffix == ".json" else src
@@ -222,7 +222,7 @@ def convert_dl3dv(src: Path, out: Path, *, depth: Path | None = None, depth_sour
                            f"(looked in colmap/sparse/0, sparse/0, nerfstudio/colmap/sparse/0); pass a depth "
                            f"folder (npy, 16-bit png or COLMAP .geometric.bin, one per image) or a COLMAP model")
     extra = {"converted_from": str(src), "depth_source": source}
-    with SceneWriter(out, source="dl3dv", depth_units="scene (poses' scale)", overwrite=overwrite, extra=extra) as w:
+    with SceneWriter(out, source="dl3dv", depth_units="scene (poses' scale)", overwrite=overwrite, depth_format=depth_format, extra=extra) as w:
         if source == "dense":
             w.meta["world"] = "COLMAP"
             _convert_dense(ws, w, frame_step, max_frames)

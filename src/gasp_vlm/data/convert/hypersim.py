@@ -100,7 +100,7 @@ def hypersim_scenes(src: Path) -> list[SceneJob]:
 
 def convert_hypersim(src: tuple[Path, str] | Path, out: Path, *, images: str = "tonemap", fov_deg: float = 60.0,
                      camera_params: Path | None = None, frame_step: int = 1, max_frames: int | None = None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One Hypersim (scene folder, camera name) -> canonical scene at ``out`` (written atomically)."""
     if isinstance(src, (str, Path)):  # a scene folder: its only (or first) camera
         jobs = hypersim_scenes(Path(src))
@@ -126,7 +126,7 @@ def convert_hypersim(src: tuple[Path, str] | Path, out: Path, *, images: str = "
             proj_row = next((r for r in csv.DictReader(f) if r.get("scene_name") == scene.name), None)
         if proj_row is None:
             raise ConvertError(f"{camera_params}: no row for scene {scene.name}")
-    with SceneWriter(out, source="hypersim", depth_units="m", overwrite=overwrite,
+    with SceneWriter(out, source="hypersim", depth_units="m", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(scene), "camera": cam, "images": images,
                             "meters_per_asset_unit": scale}) as w:
         for i in subsample(frames, frame_step, max_frames):

@@ -65,7 +65,7 @@ def _model_dir(sfm_scene: Path, k: str) -> Path:
 
 
 def convert_megadepth(src: tuple[Path, Path, str], out: Path, *, frame_step: int = 1, max_frames: int | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One MegaDepth (dense<k> folder, SfM scene folder, k) -> canonical scene at ``out`` (atomic)."""
     dense, sfm_scene, k = Path(src[0]), Path(src[1]), str(src[2])
     model_dir = _model_dir(sfm_scene, k)
@@ -76,7 +76,7 @@ def convert_megadepth(src: tuple[Path, Path, str], out: Path, *, frame_step: int
         raise ConvertError(f"{dense / 'imgs'}: no images")
     skipped = [n for n in names if n not in by_name]
     ud_cams: dict[int, object] = {}
-    with SceneWriter(out, source="megadepth", depth_units="scene (SfM scale)", overwrite=overwrite,
+    with SceneWriter(out, source="megadepth", depth_units="scene (SfM scale)", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(dense), "model": str(model_dir), "skipped_frames": skipped}) as w:
         for name in subsample([n for n in names if n in by_name], frame_step, max_frames):
             img = by_name[name]

@@ -37,7 +37,7 @@ def scannet_scenes(src: Path) -> list[SceneJob]:
 
 def convert_scannet(src: Path, out: Path, *, depth: Path | None = None, intrinsics: str = "depth",
                     depth_scale: float = 1000.0, frame_step: int = 1, max_frames: int | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, depth_format: str = "float32") -> Path:
     """Exported ScanNet scene folder -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     color_dir, pose_dir = src / "color", src / "pose"
@@ -57,7 +57,7 @@ def convert_scannet(src: Path, out: Path, *, depth: Path | None = None, intrinsi
     ids = ids[::frame_step]
     skipped: list[int] = []
     written = 0
-    with SceneWriter(out, source="scannet", depth_units="m", overwrite=overwrite,
+    with SceneWriter(out, source="scannet", depth_units="m", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(src), "intrinsics": intrinsics}) as w:
         for i in ids:
             if max_frames is not None and written >= max_frames:

@@ -97,14 +97,14 @@ def _convert_dslr(scene: Path, w: SceneWriter, depth: Path | None, depth_scale: 
 
 def convert_scannetpp(src: Path, out: Path, *, stream: str = "iphone", depth: Path | None = None,
                       depth_scale: float = 1000.0, allow_distortion: bool = False, distortion_tol: float = 1e-3,
-                      frame_step: int = 1, max_frames: int | None = None, overwrite: bool = False) -> Path:
+                      frame_step: int = 1, max_frames: int | None = None, overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One ScanNet++ scene folder -> canonical scene at ``out`` (written atomically)."""
     scene = _scene_root(Path(src))
     if stream not in ("iphone", "dslr"):
         raise ConvertError(f"stream must be 'iphone' or 'dslr', got {stream!r}")
     if not (scene / stream).is_dir():
         raise ConvertError(f"{scene / stream}: missing folder (expected {LAYOUT})")
-    with SceneWriter(out, source=f"scannetpp-{stream}", depth_units="m", overwrite=overwrite,
+    with SceneWriter(out, source=f"scannetpp-{stream}", depth_units="m", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(scene), "stream": stream}) as w:
         if stream == "iphone":
             _convert_iphone(scene, w, depth, depth_scale, allow_distortion, distortion_tol, frame_step, max_frames)

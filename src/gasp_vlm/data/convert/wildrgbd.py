@@ -56,7 +56,7 @@ def wildrgbd_scenes(src: Path) -> list[SceneJob]:
 
 
 def convert_wildrgbd(src: Path, out: Path, *, depth_scale: float = 1000.0, frame_step: int = 1,
-                     max_frames: int | None = None, overwrite: bool = False) -> Path:
+                     max_frames: int | None = None, overwrite: bool = False, depth_format: str = "float32") -> Path:
     """One WildRGB-D scene folder -> canonical scene at ``out`` (written atomically)."""
     src = Path(src)
     meta = read_json(src / "metadata")
@@ -70,7 +70,7 @@ def convert_wildrgbd(src: Path, out: Path, *, depth_scale: float = 1000.0, frame
         raise ConvertError(f"{src / 'rgb'}: no <frame>.png images (expected {LAYOUT})")
     skipped = [i for i in ids if i not in poses]
     cat = src.parent.parent.name
-    with SceneWriter(out, source="wildrgbd", depth_units="m", overwrite=overwrite,
+    with SceneWriter(out, source="wildrgbd", depth_units="m", overwrite=overwrite, depth_format=depth_format,
                      extra={"converted_from": str(src), "category": cat, "skipped_frames": skipped}) as w:
         for i in subsample([i for i in ids if i in poses], frame_step, max_frames):
             where = f"{src / 'cam_poses.txt'} (frame {i})"
