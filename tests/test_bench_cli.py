@@ -203,3 +203,4 @@ def test_bench_eval_prints_speed_with_and_without_the_video_cache():
         assert res[run]["prepare_s_per_question"] >= 0 and res[run]["generate_s_per_question"] > 0
     r = CliRunner().invoke(main, ["bench", "eval", "--video-size", "big"])
     assert r.exit_code != 0 and "--video-size 'big': expected WxH" in r.output
+

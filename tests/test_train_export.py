@@ -44,7 +44,7 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, pres
 
     # the trained model as it was in training (LoRA unmerged), heads dropped, on a fresh batch
     recipe.gasp_model.eval()
-    prepared = recipe.micro_batch(7)[0].batch
+    prepared = recipe.micro_batch(7)[0][0].batch
     with torch.no_grad():
         trained = recipe.adapter.model(**prepared.inputs).logits
         exported = plain(**prepared.inputs).logits

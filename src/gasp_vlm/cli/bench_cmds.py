@@ -148,3 +148,32 @@ def eval_cmd(model, benchmark, data, limit, frames, batch_size, max_new_tokens, 
     except (KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
         raise click.ClickException(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from None
     click.echo(json.dumps(res, indent=2))
+
+
+@bench.command("loader")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Dataset folder of canonical scenes (default: a generated one).")
+@click.option("--manifest", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A sequence manifest (`gasp data manifest`) instead of --data.")
+@click.option("--model", default="tiny-qwen2.5-vl", show_default=True,
+              help="Preset, HF dir or hub id: its processor decides the tokens (the tiny preset = Qwen2.5-VL-7B's).")
+@click.option("--frames", type=int, default=16, show_default=True, help="Frames per sample.")
+@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
+@click.option("--samples", type=int, default=12, show_default=True, help="Samples timed (per measurement).")
+@click.option("--frame-size", type=int, default=448, show_default=True, help="Generated frames' side.")
+@click.option("--depth-format", default="float32", show_default=True, help="Generated scenes' depth storage.")
+@click.option("--max-pixels", type=int, default=None, help="Processor max_pixels (default: frame-size^2 for presets).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
+def loader_cmd(data, manifest, model, frames, workers, samples, frame_size, depth_format, max_pixels, threads) -> None:
+    """Geometry samples/s and per-sample ms split (read, pixels, targets), bytes read, as JSON."""
+    from gasp_vlm.data.scene import SceneError
+    from gasp_vlm.train.bench_loader import run_loader_benchmark
+
+    if data and manifest:
+        raise click.UsageError("give --data or --manifest, not both")
+    try:
+        res = run_loader_benchmark(data, manifest, model, frames, workers, samples, frame_size, depth_format,
+                                   max_pixels, threads)
+    except SceneError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(res, indent=2))

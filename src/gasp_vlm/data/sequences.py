@@ -17,13 +17,14 @@ puts it first, as VGGT does). ``num_frames`` counts every frame of the sample, t
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene
+from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene, read_image_names
 from gasp_vlm.data.targets import GRIDS, TokenTargets, build_multi_anchor_targets, build_token_targets
 
 if TYPE_CHECKING:
@@ -63,6 +64,34 @@ def resize_view(image: np.ndarray, depth: np.ndarray, objects: np.ndarray | None
     d = np.ascontiguousarray(depth[rows[:, None], cols[None, :]])
     obj = None if objects is None else np.ascontiguousarray(objects[rows[:, None], cols[None, :]])
     return img, d, obj, scale_intrinsics(K, w / w0, h / h0)
+
+
+class LazyScenes:
+    """Scenes of a dataset by position, loaded (and checked) on first use and kept in a bounded LRU
+    cache; ``frames`` and ``names`` come from each scene's image_names.json / folder name up front."""
+
+    def __init__(self, dirs: Sequence[Path], cache: int = 256) -> None:
+        self.dirs = list(dirs)
+        self.names = [d.name for d in self.dirs]
+        self.frames = [len(read_image_names(d)) for d in self.dirs]
+        self._cache: OrderedDict[int, Scene] = OrderedDict()
+        self._size = int(cache)
+
+    def __len__(self) -> int:
+        return len(self.dirs)
+
+    def __getitem__(self, k: int) -> Scene:
+        sc = self._cache.get(k)
+        if sc is None:
+            sc = self._cache[k] = load_scene(self.dirs[k])
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(k)
+        return sc
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 # "one": the paper's single anchor frame per sequence; "all": every frame an anchor in turn.
@@ -105,8 +134,9 @@ class GeometrySequenceSource:
         if frames_window < 1 or anchor_stride < 1:
             raise ValueError(f"frames_window and anchor_stride must be >= 1 (got {frames_window}, {anchor_stride})")
         self.root = Path(root)
-        self.scenes: list[Scene] = [load_scene(d) for d in list_scene_dirs(self.root)]
-        if not self.scenes:
+        # only the frame counts are read up front (image_names.json); a scene's cameras load on first use
+        self.scenes = LazyScenes(list_scene_dirs(self.root))
+        if not len(self.scenes):
             raise SceneError(f"{self.root}: no scenes found")
         self.radius, self.grid, self.seed = int(frames_window), grid, int(seed)
         self.anchor_stride, self.fine_per_token = int(anchor_stride), int(fine_per_token)
@@ -114,7 +144,7 @@ class GeometrySequenceSource:
         if forward_stride is not None and forward_stride < 1:
             raise ValueError(f"forward_stride must be >= 1, got {forward_stride}")
         self.forward_stride = forward_stride
-        counts = [-(-s.num_frames // self.anchor_stride) for s in self.scenes]  # ceil
+        counts = [-(-n // self.anchor_stride) for n in self.scenes.frames]  # ceil
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -122,7 +152,7 @@ class GeometrySequenceSource:
 
     def describe(self) -> str:
         """Everything that determines the items (used in diagnostics' resume fingerprints)."""
-        return (f"GeometrySequenceSource(root={self.root}, scenes={[s.name for s in self.scenes]}, seed={self.seed}, "
+        return (f"GeometrySequenceSource(root={self.root}, scenes={self.scenes.names}, seed={self.seed}, "
                 f"radius={self.radius}, grid={self.grid}, fine_per_token={self.fine_per_token}, "
                 f"anchor_stride={self.anchor_stride}, anchor_first={self.anchor_first}, rel_tol={self.rel_tol}, "
                 f"min_valid_fraction={self.min_valid_fraction}, forward_stride={self.forward_stride}, "
@@ -144,8 +174,8 @@ class GeometrySequenceSource:
         (``window_frames`` then samples with replacement, fine for training, wrong for a diagnostic)."""
         k, anchor = self.locate(index)
         if self.forward_stride:
-            return self.scenes[k].num_frames
-        lo, hi = max(0, anchor - self.radius), min(self.scenes[k].num_frames - 1, anchor + self.radius)
+            return self.scenes.frames[k]
+        lo, hi = max(0, anchor - self.radius), min(self.scenes.frames[k] - 1, anchor + self.radius)
         return hi - lo + 1
 
     def frame_ids(self, index: int, num_frames: int) -> tuple[int, list[int], int]:
@@ -154,12 +184,12 @@ class GeometrySequenceSource:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         k, anchor = self.locate(index)
         if self.forward_stride:
-            n = self.scenes[k].num_frames
+            n = self.scenes.frames[k]
             step = max(1, min(self.forward_stride, (n - 1) // max(num_frames - 1, 1)))
             start = max(0, min(anchor, n - 1 - (num_frames - 1) * step))
             return k, [min(n - 1, start + j * step) for j in range(num_frames)], 0
         rng = np.random.default_rng([self.seed, int(index)])
-        others = window_frames(self.scenes[k].num_frames, anchor, num_frames - 1, self.radius, rng)
+        others = window_frames(self.scenes.frames[k], anchor, num_frames - 1, self.radius, rng)
         if self.anchor_first:
             ids = [anchor, *others.tolist()]
             return k, ids, 0
