@@ -113,3 +113,34 @@ def test_head_init_ablation_random_vs_svd(setup):
     assert torch.equal(again[0].fc1.weight, rnd[0].fc1.weight)
     with pytest.raises(ValueError, match="head_init"):
         build_heads(ad, GaspLossConfig(head_init="orthogonal"))
+
+
+def test_next_layer_init_with_rms_input_reproduces_the_queries_that_read_the_stream(setup):
+    """head_init_layer=next + head_norm=rms: the head on layer l's output starts as layer l+1's query
+    (the q_proj that reads that output, after its RMSNorm) -- cosine similarities between tokens match
+    the real queries; the paper-literal default (own q_proj, raw stream) matches them less well."""
+    from gasp_vlm.method.gasp import rms_normalize
+
+    ad, prepared, _ = setup
+    d_q = ad.attn_projections(0)[0].weight.shape[0]
+    cap = ad.forward_capture(prepared, what=("hidden",), layers=[0, 1, 2], grad=False)
+
+    def gap(cfg, l):
+        heads = build_heads(ad, cfg, calib_batch=prepared)
+        h = cap.hidden[l][0].float()  # (N, D) layer l's output at the visual tokens
+        x = rms_normalize(h) if cfg.head_norm == "rms" else h
+        z = torch.nn.functional.normalize(heads[heads.layer_indices.index(l)](x), dim=-1)
+        nxt = ad.decoder_layers()[l + 1]
+        q = torch.nn.functional.normalize(ad.attn_projections(l + 1)[0](nxt.input_layernorm(h)), dim=-1)
+        return float((z @ z.T - q @ q.T).abs().mean().detach())
+
+    kw = dict(d_hidden=d_q, d_out=d_q, calib_tokens=512)
+    faithful = [gap(GaspLossConfig(head_init_layer="next", head_norm="rms", **kw), l) for l in (0, 1)]
+    literal = [gap(GaspLossConfig(**kw), l) for l in (0, 1)]
+    assert max(faithful) < 0.03 and min(literal) > 2 * max(faithful), (faithful, literal)
+    # the last layer has no next q_proj: it keeps its own
+    a = build_heads(ad, GaspLossConfig(head_init_layer="next", d_hidden=64, d_out=32, calib_tokens=0))
+    b = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, calib_tokens=0))
+    assert torch.equal(a[2].fc1.weight, b[2].fc1.weight) and not torch.equal(a[0].fc1.weight, b[0].fc1.weight)
+    with pytest.raises(ValueError, match="head_norm"):
+        build_heads(ad, GaspLossConfig(head_norm="layer"))

@@ -54,6 +54,12 @@ class GaspLossConfig:
     batched_layers: bool = True
     calib_tokens: int = 512  # hidden states used to calibrate the SVD init (0 = none)
     head_init: str = "svd"  # svd: the paper's init from each layer's q_proj | random: PyTorch default (ablation)
+    # Which q_proj initialises the head on layer l's output: "same" (layer l's, the paper's wording) or
+    # "next" (layer l+1's: the projection that actually reads that output; the last layer keeps its own)
+    head_init_layer: str = "same"
+    # The head's input: "none" (the raw residual stream) or "rms" (RMS-normalised per token, as every
+    # q_proj sees it after its RMSNorm; the norm's gain is already folded into the SVD init)
+    head_norm: str = "none"
 
     @property
     def lm_only(self) -> bool:
@@ -84,13 +90,20 @@ def calibration_hidden(adapter, batch, layers: Sequence[int], max_tokens: int) -
     return out
 
 
+def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / RMS(x) over the last dim, in fp32 (the parameter-free half of an RMSNorm), back in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def build_heads(adapter, cfg: GaspLossConfig, calib_batch=None) -> CorrespondenceHeads | None:
     """Heads for ``cfg.layers`` SVD-initialised from each layer's q_proj (fp32, before LoRA/sharding).
 
-    Head l reads the *output* of decoder layer l and is initialised from layer l's own q_proj, with
-    that layer's input RMSNorm gain factored in (``norm_weight``) and, when ``calib_batch`` is given,
-    the head's real inputs (layer l's output at visual tokens) as calibration for the GELU operating
-    point. Returns None for the LM-only control.
+    Head l reads the *output* of decoder layer l and is initialised from layer l's own q_proj
+    (``head_init_layer: same``) or from layer l+1's (``next``: the q_proj that reads that output), with
+    that q_proj's input RMSNorm gain factored in (``norm_weight``) and, when ``calib_batch`` is given,
+    the head's real inputs (layer l's output at visual tokens, RMS-normalised under ``head_norm: rms``)
+    as calibration for the GELU operating point. Returns None for the LM-only control.
     Must be called on the un-wrapped model: LoRA would change nothing at init (B = 0) but the
     weights must be read before any engine shards them.
     """
@@ -103,15 +116,21 @@ def build_heads(adapter, cfg: GaspLossConfig, calib_batch=None) -> Correspondenc
         return heads.to(adapter.device)
     if cfg.head_init != "svd":
         raise ValueError(f"gasp.head_init must be 'svd' or 'random', got {cfg.head_init!r}")
+    if cfg.head_init_layer not in ("same", "next") or cfg.head_norm not in ("none", "rms"):
+        raise ValueError(f"gasp.head_init_layer must be same|next and gasp.head_norm none|rms, got "
+                         f"{cfg.head_init_layer!r}, {cfg.head_norm!r}")
     calib = (calibration_hidden(adapter, calib_batch, layers, cfg.calib_tokens)
              if calib_batch is not None and cfg.calib_tokens > 0 else None)
+    if calib is not None and cfg.head_norm == "rms":
+        calib = {l: rms_normalize(h) for l, h in calib.items()}
     q_w, q_b, norm_w = {}, {}, {}
     dec = adapter.decoder_layers()
     for l in layers:
-        q, _ = adapter.attn_projections(l)
+        src = min(l + 1, adapter.num_layers - 1) if cfg.head_init_layer == "next" else l
+        q, _ = adapter.attn_projections(src)
         q_w[l] = q.weight.detach().float()
         q_b[l] = q.bias.detach().float() if q.bias is not None else None
-        ln = getattr(dec[l], "input_layernorm", None)
+        ln = getattr(dec[src], "input_layernorm", None)
         norm_w[l] = ln.weight.detach().float() if ln is not None and getattr(ln, "weight", None) is not None else None
     gen = torch.Generator().manual_seed(0)
     heads = CorrespondenceHeads.from_q_projs(q_w, q_b, layers=layers, d_hidden=cfg.d_hidden, d_out=cfg.d_out,
@@ -182,6 +201,8 @@ class GaspModel(nn.Module):
         b = batch.inputs["input_ids"].shape[0]
         targets = list(targets) if targets is not None else [None] * b
         feats = [cap.hidden[l] for l in layers]  # each (B, N, D)
+        if self.loss_cfg.head_norm == "rms":
+            feats = [rms_normalize(f) for f in feats]
         if rows is not None:
             tps = 1
         else:

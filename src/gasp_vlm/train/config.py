@@ -152,6 +152,8 @@ class TrainConfig:
             (self.gasp.lambda_depth >= 0, "gasp.lambda_depth", "loss weights must be >= 0"),
             (self.gasp.tau > 0, "gasp.tau", "must be > 0"),
             (self.gasp.head_init in ("svd", "random"), "gasp.head_init", "must be svd | random"),
+            (self.gasp.head_init_layer in ("same", "next"), "gasp.head_init_layer", "must be same | next"),
+            (self.gasp.head_norm in ("none", "rms"), "gasp.head_norm", "must be none | rms"),
             (len(self.data.frame_hw) == 2, "data.frame_hw", "needs [height, width]"),
             (self.save_every > 0, "save_every", "must be > 0"),
             (self.keep_last >= 1, "keep_last", "must be >= 1"),
