@@ -161,8 +161,9 @@ def _clean_errors():
               help="Also score frame-t queries against frame-1 keys: the direction a causal LM attends.")
 @click.option("--frame-mode", default=None, help="Model frame mode (Qwen: video_dup | images | pair).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--dtype", default=None, help="float32 (default for presets) | bfloat16 | float16")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if visible, else cpu) | cpu | cuda[:i]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sequence sampling seed (and preset init seed).")
 @click.option("--prompt", default="Describe the scene.", show_default=True, help="User text after the frames.")
 @click.option("--pictures", type=int, default=2, show_default=True, help="Correspondence pictures to draw.")
@@ -245,6 +246,10 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
     from gasp_vlm.diagnose.run import run_diagnosis
     from gasp_vlm.models import load_adapter
 
+    from gasp_vlm.models.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     with _clean_errors():
         heads = None
         if ckpt is not None:
@@ -253,7 +258,7 @@ def diagnose(reports, model, checkpoint, data, out_dir, modes, frames, sequences
             if model is not None and Path(str(model)).expanduser() != ckpt:
                 click.echo(f"note: --model {model} is ignored; the checkpoint names its own base model", err=True)
         else:
-            adapter = load_adapter(model, dtype=dtype or "float32", device=device, seed=seed)
+            adapter = load_adapter(model, dtype=dtype, device=device, seed=seed)
             label = str(model)
         if "head" in mode_list and heads is None:
             raise click.ClickException(f"{ckpt}: this checkpoint has no correspondence heads (an LM-only run); "

@@ -90,8 +90,9 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
 @click.option("--min-pixels", type=int, default=None,
               help="Per-image min pixels for Qwen-VL (default: the benchmark's official setting, if any).")
 @click.option("--max-pixels", type=int, default=None, help="Per-image max pixels for Qwen-VL.")
-@click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if visible, else cpu) | cpu | cuda[:i]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None,
               metavar="BASE/results.json GASP/results.json", help="Compare two results files instead of running.")
@@ -136,6 +137,10 @@ def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_n
         from gasp_vlm.bench.media import check_media_exists
 
         check_media_exists(samples[:limit] if limit is not None else samples)
+        from gasp_vlm.models.runtime import resolve_device, resolve_dtype
+
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         generator = load_generator(model, generation, dtype=dtype, device=device, seed=seed)
         results = run_eval(bench, data_root, generator, out_dir, model_name=str(model), profile=profile, split=split,
                            limit=limit, frames=frames, batch_size=batch_size, generation=generation,
