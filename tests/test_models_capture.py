@@ -220,10 +220,10 @@ def test_benchmark_generation_uses_the_frame_mode_training_used(mode, per_token)
     torch.testing.assert_close(gen["pixel_values_videos"], train.inputs["pixel_values_videos"])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-llava-next-video"])
 def test_benchmark_requests_batched_give_the_one_by_one_answers(preset):
-    """Qwen batches benchmark requests (left padding; pixels and grids concatenated in request order):
-    mixed requests -- images of different sizes, a video, text only -- answer as they do alone."""
+    """Every family batches benchmark requests (left padding; pixels in request order): mixed requests
+    -- images of different sizes, a video, text only -- answer as they do alone."""
     from PIL import Image
 
     ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
@@ -235,3 +235,7 @@ def test_benchmark_requests_batched_give_the_one_by_one_answers(preset):
     batched = ad.generate(reqs, max_new_tokens=5)
     alone = [ad.generate([r], max_new_tokens=5)[0] for r in reqs]
     assert batched == alone
+    # clips of one length (the common benchmark batch) take the stacked path
+    other = [Image.fromarray(f) for f in frames(3, seed=11)]
+    same = [{"prompt": "Count the objects in the clip.", "video": small}, {"prompt": "What moves?", "video": other}]
+    assert ad.generate(same, max_new_tokens=5) == [ad.generate([r], max_new_tokens=5)[0] for r in same]

@@ -83,7 +83,7 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
 @click.option("--limit", type=int, default=None, help="Only the first N samples.")
 @click.option("--frames", type=int, default=None, help="Video frames per sample (VSI default 32, uniform).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
-              help="Requests per generate call (Qwen families: one left-padded batch; others one by one).")
+              help="Requests per generate call, as one left-padded batch (every family; tested equal to one by one).")
 @click.option("--max-new-tokens", type=int, default=None, help="Override the benchmark's official generation length.")
 @click.option("--profile", default="official", show_default=True)
 @click.option("--split", default=None)

@@ -249,8 +249,8 @@ class VLMAdapter:
     def generate(self, requests: Sequence[dict], max_new_tokens: int = 16, **gen_kwargs) -> list[str]:
         """Greedy (by default) generation for benchmark requests: dict(prompt, images=[PIL], video=[PIL]).
 
-        Families whose ``_collate_generation`` can batch requests (Qwen) run them in one left-padded
-        ``generate``; the others one request at a time."""
+        Families whose ``_collate_generation`` can batch requests (all shipped ones) run them in one
+        left-padded ``generate``; a family without it, one request at a time."""
         encoded = [self._encode_generation(req) for req in requests]
         batched = self._collate_generation(encoded) if len(encoded) > 1 else None
         groups = [left_pad(batched)] if batched is not None else encoded

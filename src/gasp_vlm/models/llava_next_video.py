@@ -12,7 +12,7 @@ Token layout facts (checked by tests with pixel-encoded frames):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -142,3 +142,16 @@ class LlavaNextVideoAdapter(VLMAdapter):
         ids, _ = self._chat_ids(len(arrs) * self.grid * self.grid, request["prompt"], None)
         t = torch.tensor([ids])
         return {"input_ids": t, "attention_mask": torch.ones_like(t), "pixel_values_videos": x[None]}
+
+    def _collate_generation(self, encoded: list[dict]) -> dict:
+        """Right-pad the token rows; clips of one frame count stack into (B, T, 3, H, W), others (or text
+        rows) concatenate into one (1, sum T) video whose tokens the model fills in row order, as
+        ``_collate`` does for training."""
+        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        pix = [e["pixel_values_videos"][0] for e in encoded if "pixel_values_videos" in e]
+        if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
+            out["pixel_values_videos"] = torch.stack(pix)
+        elif pix:
+            out["pixel_values_videos"] = torch.cat(pix)[None]
+        return out
