@@ -69,3 +69,24 @@ def test_gasp_eval_resumes(tmp_path):
     assert again == first  # nothing regenerated or duplicated
     more = _eval(root, "blink", out, limit=3)
     assert more[:2] == first and len(more) == 3
+
+
+def test_gasp_eval_under_a_launcher_shards_and_rank_0_merges(tmp_path):
+    """RANK/WORLD_SIZE as torchrun sets them: rank 1 answers its videos and exits, rank 0 answers the
+    rest, merges and scores -- the same predictions as one process."""
+    root = make_vsibench(tmp_path / "vsi")
+    args = ["eval", "-b", "vsibench", "--data", str(root), "--model", "tiny-qwen2.5-vl", "--limit", "6",
+            "--max-new-tokens", "3", "--frames", "4", "--no-progress", "--max-pixels", str(56 * 56)]
+    one = tmp_path / "one"
+    assert CliRunner().invoke(main, args + ["--out", str(one)]).exit_code == 0
+    dp = tmp_path / "dp"
+    r = CliRunner().invoke(main, args + ["--out", str(dp)], env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert r.exit_code == 0 and "rank 1/2: answered" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--out", str(dp)], env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert r.exit_code == 0, r.output
+    read = lambda p: [json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(dp) == read(one)
+    res_dp, res_one = (json.loads((p / "results.json").read_text()) for p in (dp, one))
+    assert res_dp["num_samples"] == 6 and res_dp["num_missing"] == 0
+    assert {k: v for k, v in res_dp.items() if isinstance(v, float)} == \
+        {k: v for k, v in res_one.items() if isinstance(v, float)}

@@ -190,3 +190,53 @@ def test_video_cache_is_bounded_and_sees_replaced_files(tmp_path):
     os.utime(videos[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed on disk
     one.read(videos[0], 2)
     assert (one.decodes, one.hits) == (2, 0)
+
+
+class EchoGenerator:
+    """Answers a per-request string (so merged files can be compared with a single run's)."""
+
+    def __call__(self, requests):
+        return [f"{len(r['prompt'])}:{r['prompt'][-12:]}" for r in requests]
+
+
+def test_data_parallel_ranks_merge_to_the_single_process_run(tmp_path):
+    from gasp_vlm.bench.runner import shard_samples
+    from gasp_vlm.bench.registry import get_benchmark
+
+    root = make_vsibench(tmp_path / "vsi")
+    single = run_eval("vsibench", root, EchoGenerator(), tmp_path / "one", frames=2, batch_size=2, progress=False)
+    samples = get_benchmark("vsibench").load(root)
+    parts = [shard_samples(samples, r, 2) for r in range(2)]
+    assert sorted(s.sample_id for p in parts for s in p) == sorted(s.sample_id for s in samples)
+    for p in parts:  # whole videos per rank: the cache still serves every question of a video
+        assert not {s.media.paths[0] for s in p} & {s.media.paths[0] for q in parts if q is not p for s in q}
+    out = tmp_path / "dp"
+    r1 = run_eval("vsibench", root, EchoGenerator(), out, frames=2, batch_size=2, progress=False, rank=1, world=2)
+    assert r1["generated"] == len(parts[1]) and (out / "predictions.rank-1-of-2.jsonl").is_file()
+    merged = run_eval("vsibench", root, EchoGenerator(), out, frames=2, batch_size=2, progress=False, rank=0,
+                      world=2, poll_s=0.01)
+    assert _lines(out / "predictions.jsonl") == _lines(tmp_path / "one" / "predictions.jsonl")
+    for k in ("overall", "num_scored"):
+        if k in single:
+            assert merged[k] == single[k]
+    assert not list(out.glob("predictions.rank-*")) and not list(out.glob("run.rank-*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["data_parallel"] == 2 and run["num_generated"] == len(samples)
+    assert run["video_decodes"] == len({s.media.paths[0] for s in samples})
+
+
+def test_data_parallel_resume_with_another_world_size_and_a_missing_rank(tmp_path):
+    root = make_vsibench(tmp_path / "vsi")
+    out = tmp_path / "dp"
+    run_eval("vsibench", root, EchoGenerator(), out, frames=2, progress=False, rank=1, world=3)
+    with pytest.raises(TimeoutError, match="unanswered"):  # rank 2 of 3 never ran
+        run_eval("vsibench", root, EchoGenerator(), out, frames=2, progress=False, rank=0, world=3,
+                 wait_timeout_s=0.05, poll_s=0.01)
+    from gasp_vlm.bench.registry import get_benchmark
+
+    n = len(get_benchmark("vsibench").load(root))
+    gen = FakeGenerator()
+    run_eval("vsibench", root, gen, out, frames=2, progress=False)  # one process picks up the rest
+    generated_now = sum(len(c) for c in gen.calls)
+    assert 0 < generated_now < n  # ranks 0 and 1 of the earlier run are not redone
+    assert len(_lines(out / "predictions.jsonl")) == n and not list(out.glob("predictions.rank-*"))

@@ -18,3 +18,17 @@ def test_auto_resolution(monkeypatch):
     assert resolve_dtype("auto", "cuda:0") == "float32"
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("fp8", "cuda")
+
+
+def test_launcher_rank_and_per_rank_gpu(monkeypatch):
+    from gasp_vlm.models.runtime import launcher_rank
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert launcher_rank() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launcher_rank() == (5, 8, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda:1"

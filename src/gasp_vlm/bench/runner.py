@@ -142,16 +142,92 @@ def score_run(bench: Benchmark, samples: Sequence[Sample], predictions_path: Pat
     return results
 
 
+def shard_samples(samples: Sequence[Sample], rank: int, world: int) -> list[Sample]:
+    """Rank ``rank``'s samples: the samples of one media file (its first path) stay together, files
+    dealt round-robin in order of first appearance (text-only samples count as their own file)."""
+    if world <= 1:
+        return list(samples)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    groups: dict[str, int] = {}
+    out = []
+    for s in samples:
+        paths = s.media.paths if s.media is not None else None
+        g = groups.setdefault(paths[0] if paths else f"id:{s.sample_id}", len(groups))
+        if g % world == rank:
+            out.append(s)
+    return out
+
+
+def _prediction_files(out: Path) -> list[Path]:
+    return [p for p in [out / PREDICTIONS, *sorted(out.glob("predictions.rank-*-of-*.jsonl"))] if p.exists()]
+
+
+def _answered(out: Path) -> set[str]:
+    """Sample ids any prediction file in ``out`` answers (merged or per rank, any world size)."""
+    done: set[str] = set()
+    for p in _prediction_files(out):
+        done |= set(read_predictions(p, tolerate_truncated_tail=True)[0])
+    return done
+
+
+def _merge_ranks(out: Path, samples: Sequence[Sample], config: dict, wait_timeout_s: float | None, poll_s: float,
+                 progress: bool) -> None:
+    """Rank 0: wait until the prediction files cover every sample, then merge them (sample order) into
+    predictions.jsonl, sum the ranks' decode counts into run.json and drop the per-rank files."""
+    want = [s.sample_id for s in samples]
+    t0, last_note = time.time(), 0.0
+    while True:
+        missing = set(want) - _answered(out)
+        if not missing:
+            break
+        waited = time.time() - t0
+        if wait_timeout_s is not None and waited > wait_timeout_s:
+            raise TimeoutError(f"{out}: {len(missing)} samples still unanswered after {waited:.0f} s; did a rank "
+                               f"fail? (its predictions.rank-*.jsonl and log tell); rerun to resume")
+        if progress and waited - last_note >= 60:
+            print(f"rank 0: waiting for the other ranks ({len(missing)} samples left)", flush=True)
+            last_note = waited
+        time.sleep(poll_s)
+    files = _prediction_files(out)
+    records: dict[str, dict] = {}
+    for p in files:
+        for sid, rec in read_predictions(p, tolerate_truncated_tail=True)[0].items():
+            records.setdefault(sid, rec)
+    write_jsonl_atomic(out / PREDICTIONS, (records[sid] for sid in want))
+    for p in out.glob("run.rank-*-of-*.json"):
+        try:
+            other = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        for k in ("video_decodes", "video_cache_hits", "num_generated"):
+            config[k] = config.get(k, 0) + other.get(k, 0)
+        p.unlink()
+    config["generation_seconds_per_rank"] = config.pop("generation_seconds", None)
+    write_json_atomic(out / RUN, config)
+    for p in files:
+        if p.name != PREDICTIONS:
+            p.unlink()
+
+
 def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Generator | Callable[[list[dict]], list[str]],
              out_dir: str | Path, *, model_name: str = "", profile: str = "official", split: str | None = None,
              limit: int | None = None, frames: int | None = None, batch_size: int = 1,
              generation: dict[str, Any] | None = None, pixels: dict[str, int] | None | str = "official",
              model_info: dict[str, Any] | None = None, video_cache_bytes: int = 1 << 30,
-             progress: bool = True) -> dict:
+             progress: bool = True, rank: int = 0, world: int = 1, wait_timeout_s: float | None = None,
+             poll_s: float = 2.0) -> dict:
     """Generate (resumably) and score; return the results dict also written to OUT/results.json.
 
     Each video is decoded once and shared by its questions while it stays in a ``video_cache_bytes``
     LRU (0: decode per question); run.json records the decodes and cache hits.
+
+    Data parallel (``world`` > 1, e.g. under torchrun / accelerate launch): rank r answers the samples of
+    ``shard_samples`` (whole videos per rank, so the cache still serves every question of a video) into
+    ``predictions.rank-r-of-W.jsonl`` and returns; rank 0 then waits until the prediction files together
+    cover every sample, merges them into predictions.jsonl (sample order) and scores. No collective
+    communication is needed, only the shared output folder; each rank resumes from its own file, and a
+    rerun with another world size skips whatever any earlier file already answered.
 
     `generation` is what the generator was configured with (recorded, not applied here); default: the
     benchmark's official decoding settings. `pixels` ("official" = the benchmark's own, None = the model's
@@ -182,15 +258,17 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
     }
     _check_resume(out, config)
 
-    pred_path = out / PREDICTIONS
+    pred_path = out / (PREDICTIONS if world == 1 else f"predictions.rank-{rank}-of-{world}.jsonl")
     repair_truncated_tail(pred_path)  # a crash may have left half a line
-    done = set(read_predictions(pred_path)[0]) if pred_path.exists() else set()
-    pending = [s for s in samples if s.sample_id not in done]
+    done = _answered(out)
+    pending = [s for s in shard_samples(samples, rank, world) if s.sample_id not in done]
     check_media_exists(pending)  # fail before any model time is spent
 
     config["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     config["resumed_with_done"] = len(done & {s.sample_id for s in samples})
-    write_json_atomic(out / RUN, config)
+    config["data_parallel"] = world
+    run_path = out / (RUN if rank == 0 else f"run.rank-{rank}-of-{world}.json")
+    write_json_atomic(run_path, config)
 
     t0 = time.time()
     videos = VideoFrameCache(video_cache_bytes)
@@ -213,7 +291,12 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
     config["generation_seconds"] = round(time.time() - t0, 3)
     config["num_generated"] = len(pending)
     config["video_decodes"], config["video_cache_hits"] = videos.decodes, videos.hits
-    write_json_atomic(out / RUN, config)
+    write_json_atomic(run_path, config)
+    if rank != 0:
+        return {"rank": rank, "world": world, "generated": len(pending), "predictions": str(pred_path)}
+    if world > 1 or any(out.glob("predictions.rank-*-of-*.jsonl")):  # also an earlier run's leftovers
+        _merge_ranks(out, samples, config, wait_timeout_s, poll_s, progress)
+        pred_path = out / PREDICTIONS
     return score_run(bench, samples, pred_path, out, profile,
                      extra={"model": model_name, "frames": frames, "generation": config["generation"],
                             "pixels": pixels})

@@ -137,14 +137,19 @@ def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_n
         from gasp_vlm.bench.media import check_media_exists
 
         check_media_exists(samples[:limit] if limit is not None else samples)
-        from gasp_vlm.models.runtime import resolve_device, resolve_dtype
+        from gasp_vlm.models.runtime import launcher_rank, resolve_device, resolve_dtype
 
+        rank, world, _ = launcher_rank()  # torchrun / accelerate launch: one shard of the samples per rank
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         generator = load_generator(model, generation, dtype=dtype, device=device, seed=seed)
         results = run_eval(bench, data_root, generator, out_dir, model_name=str(model), profile=profile, split=split,
                            limit=limit, frames=frames, batch_size=batch_size, generation=generation,
-                           pixels=pixels, progress=not no_progress)
+                           pixels=pixels, progress=not no_progress and rank == 0, rank=rank, world=world)
+    if rank != 0:
+        click.echo(f"rank {rank}/{world}: answered {results['generated']} samples -> {results['predictions']}; "
+                   "rank 0 merges and scores")
+        return
     _warn_duplicates(results, out_dir / "predictions.jsonl")
     click.echo(_summary(results))
     click.echo(f"wrote {out_dir / 'predictions.jsonl'}, {out_dir / 'run.json'} and {out_dir / 'results.json'}")

@@ -7,11 +7,24 @@ import torch
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def launcher_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK);
+    (0, 1, 0) for a plain process."""
+    import os
+
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is passed through."""
+    """``auto`` -> this process's GPU (``cuda:LOCAL_RANK`` under a launcher) when one is visible, else
+    ``cpu``; anything else is passed through."""
     if device != "auto":
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    _, world, local = launcher_rank()
+    return f"cuda:{local}" if world > 1 else "cuda"
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:
