@@ -93,7 +93,7 @@ def test_batched_layers_default_and_same_result_as_per_layer(setup):
 
 def test_head_init_ablation_random_vs_svd(setup):
     ad, prepared, _ = setup
-    svd = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, calib_tokens=0))
+    svd = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, calib_tokens=0, head_init_layer="same"))
     rnd = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, head_init="random"))
     assert rnd.layer_indices == svd.layer_indices == [0, 1, 2]
     # SVD init: W1's rows span the top right-singular directions of q_proj (folded with the RMSNorm gain);
@@ -136,11 +136,11 @@ def test_next_layer_init_with_rms_input_reproduces_the_queries_that_read_the_str
 
     kw = dict(d_hidden=d_q, d_out=d_q, calib_tokens=512)
     faithful = [gap(GaspLossConfig(head_init_layer="next", head_norm="rms", **kw), l) for l in (0, 1)]
-    literal = [gap(GaspLossConfig(**kw), l) for l in (0, 1)]
+    literal = [gap(GaspLossConfig(head_init_layer="same", head_norm="none", **kw), l) for l in (0, 1)]
     assert max(faithful) < 0.03 and min(literal) > 2 * max(faithful), (faithful, literal)
     # the last layer has no next q_proj: it keeps its own
     a = build_heads(ad, GaspLossConfig(head_init_layer="next", d_hidden=64, d_out=32, calib_tokens=0))
-    b = build_heads(ad, GaspLossConfig(d_hidden=64, d_out=32, calib_tokens=0))
+    b = build_heads(ad, GaspLossConfig(head_init_layer="same", d_hidden=64, d_out=32, calib_tokens=0))
     assert torch.equal(a[2].fc1.weight, b[2].fc1.weight) and not torch.equal(a[0].fc1.weight, b[0].fc1.weight)
     with pytest.raises(ValueError, match="head_norm"):
         build_heads(ad, GaspLossConfig(head_norm="layer"))

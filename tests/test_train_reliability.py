@@ -219,3 +219,10 @@ def test_export_overwrite_replaces_only_a_previous_export(run3, tmp_path):
     r = CliRunner().invoke(main, ["export", str(run3 / "checkpoints" / "step-000002"), "--out", str(out), "--overwrite"])
     assert r.exit_code == 0, r.output
     assert first["step"] == 3 and json.loads((out / "gasp_export.json").read_text())["step"] == 2
+
+
+def test_reloaded_heads_know_the_stream_they_were_trained_on(run3):
+    from gasp_vlm.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    _, heads, meta = load_checkpoint(latest_checkpoint(run3))
+    assert meta["heads"]["input_norm"] == "rms" and heads.input_norm == "rms"  # the default gasp.head_norm

@@ -248,7 +248,12 @@ def _features(mode: str, cap, b: int, layer: int, heads: Any) -> tuple[torch.Ten
     if mode == "head":
         head = heads.for_layer(layer)
         p = next(head.parameters())
-        q = k = head(q.to(device=p.device, dtype=p.dtype))
+        x = q.to(device=p.device, dtype=p.dtype)
+        if getattr(heads, "input_norm", "none") == "rms":  # gasp.head_norm: the stream they were trained on
+            from gasp_vlm.method.gasp import rms_normalize
+
+            x = rms_normalize(x)
+        q = k = head(x)
     q = torch.nn.functional.normalize(q.float(), dim=-1, eps=1e-8)
     k = q if kk == qk else torch.nn.functional.normalize(k.float(), dim=-1, eps=1e-8)  # hidden/head: one feature
     return q, k

@@ -248,6 +248,7 @@ class CorrespondenceHeads(nn.ModuleList):
     def __init__(self, heads: Iterable[CorrespondenceHead], layer_indices: Sequence[int]) -> None:
         super().__init__(heads)
         self.layer_indices: list[int] = [int(i) for i in layer_indices]
+        self.input_norm = "none"  # "rms": the heads read the RMS-normalised stream (gasp.head_norm)
         if len(self.layer_indices) != len(self):
             raise ValueError(f"{len(self)} heads but {len(self.layer_indices)} layer indices")
 

@@ -93,6 +93,7 @@ def checkpoint_meta(cfg, adapter, heads, step: int) -> dict:
         "heads": None if heads is None else {
             "layers": list(heads.layer_indices), "d_model": adapter.hidden_size,
             "d_hidden": cfg.gasp.d_hidden, "d_out": cfg.gasp.d_out, "tau": cfg.gasp.tau,
+            "input_norm": cfg.gasp.head_norm,
             "lambda_corr": cfg.gasp.lambda_corr, "lambda_depth": cfg.gasp.lambda_depth},
         "train_config": cfg.to_dict(),
     }
@@ -358,4 +359,5 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu", me
         heads = CorrespondenceHeads.random_init(h["d_model"], m["num_layers"], h["layers"], h["d_hidden"], h["d_out"])
         heads.load_state_dict(load_file(str(ckpt_dir / "heads.safetensors")))
         heads = heads.to(device).eval()
+        heads.input_norm = h.get("input_norm", "none")  # what the heads were trained to read
     return adapter, heads, meta
