@@ -267,7 +267,7 @@ def _name_values(text: str | None, cast, what: str) -> dict | None:
               help="Per-source share of --sequences, name=w,... (default: by frame count).")
 @click.option("--lengths", default=None, help="Fixed sequences per source, name=n,... (VGGT's len_train).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--shard-rows", type=click.IntRange(min=1), default=100_000, show_default=True,
+@click.option("--shard-rows", type=click.IntRange(min=1), default=16_384, show_default=True,
               help="Rows per parquet shard (a rank reads only the shards it owns).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing manifest at OUT.")
 def manifest(sources: tuple[str, ...], out: Path, sequences: int | None, frames: str, radius: int,
