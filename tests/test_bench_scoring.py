@@ -157,6 +157,7 @@ def test_all_angles_micro_average(tmp_path):
     assert res["overall"] == pytest.approx(62.5)  # micro; the category macro would be 72.2
     assert res["categories"]["camera_pose_estimation"] == pytest.approx(100 / 3)
     assert res["num_missing"] == 1 and res["judge_unavailable"] == 1
+    assert res["judge_unavailable_by_category"] == {samples[7].category: 1}
     assert scored[7].parsed == "Z" and scored[7].judge_unavailable
 
 

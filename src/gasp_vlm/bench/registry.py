@@ -146,6 +146,7 @@ def score_samples(bench: Benchmark, samples: Sequence[Sample], raw_by_id: dict[s
     bench.check_profile(profile)
     preds: list[Prediction] = []
     missing = judge = 0
+    judge_by_cat: dict[str, int] = {}
     known = set()
     for s in samples:
         known.add(s.sample_id)
@@ -160,11 +161,13 @@ def score_samples(bench: Benchmark, samples: Sequence[Sample], raw_by_id: dict[s
             continue
         r = bench.score(s, raw, profile)
         judge += int(r.judge_unavailable)
+        if r.judge_unavailable:  # where the official pipeline would have paid a GPT judge
+            judge_by_cat[str(s.category)] = judge_by_cat.get(str(s.category), 0) + 1
         preds.append(Prediction(s.sample_id, raw, r.parsed, float(r.score), prompt, frames, profile,
                                 r.judge_unavailable, s.category))
     results = {"benchmark": bench.name, "profile": profile}
     results.update(bench.aggregate(samples, preds, profile))
     results.update({"num_samples": len(samples), "num_missing": missing,
                     "num_unknown_predictions": sum(1 for k in raw_by_id if k not in known),
-                    "judge_unavailable": judge})
+                    "judge_unavailable": judge, "judge_unavailable_by_category": judge_by_cat})
     return results, preds

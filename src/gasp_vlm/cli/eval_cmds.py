@@ -36,8 +36,9 @@ def _summary(results: dict) -> str:
              f"judge_unavailable={results.get('judge_unavailable', 0)})"]
     if "multi_view_reasoning" in results:
         lines.append(f"  Multi-view_Reasoning {results['multi_view_reasoning']:.2f}")
+    judged = results.get("judge_unavailable_by_category") or {}
     for k, v in results["categories"].items():
-        lines.append(f"  {k:<45} {v:6.2f}")
+        lines.append(f"  {k:<45} {v:6.2f}" + (f"  (judge unavailable: {judged[k]})" if judged.get(k) else ""))
     return "\n".join(lines)
 
 
