@@ -204,3 +204,70 @@ def test_bench_eval_prints_speed_with_and_without_the_video_cache():
     r = CliRunner().invoke(main, ["bench", "eval", "--video-size", "big"])
     assert r.exit_code != 0 and "--video-size 'big': expected WxH" in r.output
 
+
+
+def _lmms_eval_log(path, rows, gz=False):
+    """lmms-eval --log_samples lines: doc_id, doc (the dataset row), target, arguments, resps, filtered_resps,
+    plus the task's metric key, as its evaluator writes them."""
+    import gzip
+
+    lines = "".join(json.dumps({"doc_id": i, "doc": doc, "target": doc.get("ground_truth", doc.get("answer")),
+                                "arguments": [["<prompt>", {"max_new_tokens": 16}]], "resps": [[text]],
+                                "filtered_resps": [text], "doc_hash": f"h{i}", "prompt_hash": "p",
+                                "vsibench_score": {"prediction": text}}) + "\n" for i, (doc, text) in enumerate(rows))
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_score_from_an_lmms_eval_log_equals_our_own_predictions(tmp_path, gz):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    answers = {0: "5", 1: "2.5", 4: "B.", 5: "A", 6: "(C)", 9: "A", 10: "13"}
+    rows = [json.loads(x) for x in (root / "test.jsonl").read_text().splitlines()]  # the dataset rows = lmms docs
+    docs = [r for r in rows if int(r["id"]) in answers]
+    name = "samples_vsibench_2026-12-04T03-00-00.jsonl" + (".gz" if gz else "")
+    log = _lmms_eval_log(tmp_path / name, [(d, answers[int(d["id"])]) for d in docs], gz=gz)
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
+                                  "lmms-eval", "--out", str(tmp_path / "from_log")])
+    assert r.exit_code == 0, r.output
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text("".join(json.dumps({"sample_id": str(k), "raw_output": v}) + "\n" for k, v in answers.items()))
+    r2 = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(ours), "--out",
+                                   str(tmp_path / "ours_out")])
+    assert r2.exit_code == 0, r2.output
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("from_log", "ours_out"))
+    assert a["overall"] == pytest.approx(b["overall"]) and a["categories"] == b["categories"]
+    assert a["source"] == "lmms-eval" and a["num_missing"] == b["num_missing"] == 11 - len(answers)
+    conv = [json.loads(x) for x in (tmp_path / "from_log" / "predictions.jsonl").read_text().splitlines()]
+    assert {c["sample_id"] for c in conv} == {str(k) for k in answers}
+
+
+def test_score_from_lmms_eval_refuses_another_benchmarks_log(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    log = _lmms_eval_log(tmp_path / "samples_blink.jsonl", [({"idx": "val_Counting_1", "answer": "(A)"}, "(A)")])
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
+                                  "lmms-eval", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "none of its documents is a vsibench sample" in r.output
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"sample_id": "0", "raw_output": "5"}) + "\n")
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(tmp_path / "bad.jsonl"),
+                                  "--from", "lmms-eval", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "not an lmms-eval --log_samples file" in r.output
+
+
+def test_score_from_lmms_eval_without_docs_uses_doc_id_positions(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    log = tmp_path / "samples_vsibench.jsonl"
+    log.write_text("".join(json.dumps({"doc_id": i, "resps": [["4"]], "filtered_resps": ["4"]}) + "\n" for i in (0, 3)))
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
+                                  "lmms-eval", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    conv = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert [c["sample_id"] for c in conv] == ["0", "3"] and [c["source_doc_id"] for c in conv] == [0, 3]
+    log.write_text(json.dumps({"doc_id": 99, "filtered_resps": ["4"]}) + "\n")
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
+                                  "lmms-eval", "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1 and "doc_id 99" in r.output
