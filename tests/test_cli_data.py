@@ -113,7 +113,7 @@ def test_convert_names_the_datasets_and_reports_errors_without_traceback(tmp_pat
     assert r.exit_code == 1 and "no hypersim scenes found" in r.output
 
 
-@pytest.mark.parametrize("cmd", [[], ["synth"], ["check"], ["tracks"], ["convert"]])
+@pytest.mark.parametrize("cmd", [[], ["synth"], ["check"], ["tracks"], ["convert"], ["manifest"]])
 def test_help(cmd):
     r = CliRunner().invoke(main, ["data", *cmd, "--help"])
     assert r.exit_code == 0 and "Usage:" in r.output and len(r.output) > 200
