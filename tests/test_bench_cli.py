@@ -271,3 +271,46 @@ def test_score_from_lmms_eval_without_docs_uses_doc_id_positions(tmp_path):
     r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
                                   "lmms-eval", "--out", str(tmp_path / "o2")])
     assert r.exit_code == 1 and "doc_id 99" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["xlsx", "tsv"])
+def test_score_from_a_vlmevalkit_table_equals_our_own_predictions(tmp_path, fmt):
+    """VLMEvalKit's <model>_<dataset>.xlsx: the benchmark TSV's columns + prediction (Excel turns the
+    integer index into floats); scored by our All-Angles scorer exactly as our own predictions file."""
+    import csv
+
+    import openpyxl
+
+    root = make_all_angles(tmp_path / "aa")
+    rows = json.loads((root / "data.json").read_text())
+    preds = {0: "B", 1: "A.", 2: "(A)", 3: "left", 4: "The answer is (B)", 5: "C", 7: "three"}
+    cols = ["index", "question", "A", "B", "C", "answer", "category", "prediction"]
+    table = [[float(r["index"]) if fmt == "xlsx" else r["index"], r["question"], r["A"], r["B"], r["C"], r["answer"],
+              r["category"], preds[r["index"]]] for r in rows if r["index"] in preds]
+    path = tmp_path / f"Qwen2.5-VL-7B-Instruct_AllAngles.{fmt}"
+    if fmt == "xlsx":
+        wb = openpyxl.Workbook()
+        wb.active.append(cols)
+        for t in table:
+            wb.active.append(t)
+        wb.save(path)
+    else:
+        with path.open("w", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(cols)
+            w.writerows(table)
+    r = CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(path), "--from",
+                                  "vlmevalkit", "--out", str(tmp_path / "vlm")])
+    assert r.exit_code == 0, r.output
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text("".join(json.dumps({"sample_id": str(k), "raw_output": v}) + "\n" for k, v in preds.items()))
+    assert CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(ours), "--out",
+                                     str(tmp_path / "ours_out")]).exit_code == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("vlm", "ours_out"))
+    assert a["overall"] == pytest.approx(b["overall"]) == pytest.approx(62.5)
+    assert a["categories"] == b["categories"] and a["source"] == "vlmevalkit"
+    # a table of another benchmark is refused by name
+    (tmp_path / "other.tsv").write_text("index\tprediction\n12345\tA\n")
+    r = CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(tmp_path / "other.tsv"),
+                                  "--from", "vlmevalkit", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "not a all_angles sample" in r.output

@@ -7,6 +7,10 @@ metric keys. A row is matched to our sample by the benchmark's own id column in 
 BLINK ``idx``, All-Angles / MMSI ``index`` or ``id``); rows without ``doc`` fall back to ``doc_id`` as the
 position in our load order (the same split file, so the same order). ``filtered_resps`` is what
 lmms-eval scored, so it is the raw output here.
+
+VLMEvalKit writes ``<model>_<dataset>.xlsx`` (or ``.tsv`` / ``.csv`` / ``.json`` with ``PRED_FORMAT``): the
+benchmark TSV's columns (image columns dropped) plus ``prediction``; rows match our samples by ``index``
+(All-Angles and MMSI load VLMEvalKit's TSVs, so their ids are those indices).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from gasp_vlm.bench.records import Sample
 from gasp_vlm.bench.tables import BenchmarkDataError
 
 ID_KEYS = ("id", "idx", "index", "question_id", "sample_id")
-SOURCES = ("lmms-eval",)
+SOURCES = ("lmms-eval", "vlmevalkit")
 
 
 def _first_text(x: Any) -> str | None:
@@ -80,4 +84,67 @@ def read_lmms_eval_samples(path: str | Path, samples: Sequence[Sample], benchmar
                                  f"{unknown[:3]}): a log of another benchmark or split?")
     if unknown:
         raise BenchmarkDataError(f"{path}: {len(unknown)} documents are not {benchmark} samples (e.g. {unknown[:3]})")
+    return out
+
+
+def _index_text(v: Any) -> str:
+    """VLMEvalKit indices come back from Excel as floats (3.0); our ids are their integer text."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def _table(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise BenchmarkDataError(f"{path}: missing file")
+    if suffix == ".xlsx":
+        try:
+            import openpyxl
+        except ImportError:
+            raise BenchmarkDataError(f"{path}: reading .xlsx needs openpyxl: pip install 'gasp-vlm[eval]'") from None
+        try:
+            sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+        except Exception as e:  # openpyxl raises several kinds for a broken workbook
+            raise BenchmarkDataError(f"{path}: unreadable workbook ({e})") from None
+        rows = list(sheet.iter_rows(values_only=True))
+        if not rows:
+            return []
+        header = [str(h) for h in rows[0]]
+        return [dict(zip(header, r)) for r in rows[1:] if any(c is not None for c in r)]
+    if suffix in (".tsv", ".csv"):
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):  # pandas orient="columns"/"dict": {column: {row: value}}
+            cols = list(data)
+            keys = list(data[cols[0]]) if cols else []
+            return [{c: data[c].get(k) for c in cols} for k in keys]
+        return list(data)
+    raise BenchmarkDataError(f"{path}: unknown VLMEvalKit prediction format {suffix!r} (xlsx, tsv, csv or json)")
+
+
+def read_vlmevalkit_predictions(path: str | Path, samples: Sequence[Sample], benchmark: str) -> list[dict]:
+    """VLMEvalKit's prediction table -> prediction records (sample_id, raw_output)."""
+    path = Path(path)
+    rows = _table(path)
+    if not rows or "index" not in rows[0] or "prediction" not in rows[0]:
+        raise BenchmarkDataError(f"{path}: expected VLMEvalKit's prediction table with 'index' and 'prediction' "
+                                 f"columns, got {sorted(rows[0]) if rows else 'no rows'}")
+    known = {s.sample_id for s in samples}
+    out, unknown = [], []
+    for r in rows:
+        sid = _index_text(r["index"])
+        if sid not in known:
+            unknown.append(sid)
+            continue
+        pred = r.get("prediction")
+        out.append({"sample_id": sid, "raw_output": "" if pred is None else str(pred), "prompt": None,
+                    "source": "vlmevalkit"})
+    if unknown:
+        raise BenchmarkDataError(f"{path}: {len(unknown)} rows whose index is not a {benchmark} sample "
+                                 f"(e.g. {unknown[:3]}): a table of another benchmark?")
     return out

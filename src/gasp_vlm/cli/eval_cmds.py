@@ -60,9 +60,11 @@ def _warn_duplicates(results: dict, predictions: Path) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Writes OUT/results.json.")
 @click.option("--profile", default="official", show_default=True, help="Scoring profile (official, lmms_eval, ...).")
 @click.option("--split", default=None, help="Benchmark split/variant (VSI: test|debiased|pruned; BLINK: val).")
-@click.option("--from", "source", type=click.Choice(["gasp", "lmms-eval"]), default="gasp", show_default=True,
-              help="Format of --predictions: ours, or lmms-eval's --log_samples samples_<task>_*.jsonl[.gz] "
-                   "(converted to OUT/predictions.jsonl, then scored by our official scorers).")
+@click.option("--from", "source", type=click.Choice(["gasp", "lmms-eval", "vlmevalkit"]), default="gasp",
+              show_default=True,
+              help="Format of --predictions: ours, lmms-eval's --log_samples samples_<task>_*.jsonl[.gz], or "
+                   "VLMEvalKit's <model>_<dataset>.xlsx/.tsv (converted to OUT/predictions.jsonl, then scored "
+                   "by our official scorers).")
 def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, profile: str, split: str | None,
           source: str) -> None:
     """Score existing raw outputs (no media is opened). Missing predictions count as wrong."""
@@ -74,14 +76,15 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
         bench.check_profile(profile)
         samples = bench.load(data_root, split=split)
         extra = {"predictions": str(predictions)}
-        if source == "lmms-eval":
-            from gasp_vlm.bench.external_logs import read_lmms_eval_samples
+        if source != "gasp":
+            from gasp_vlm.bench.external_logs import read_lmms_eval_samples, read_vlmevalkit_predictions
             from gasp_vlm.io import write_jsonl_atomic
 
-            records = read_lmms_eval_samples(predictions, samples, bench.name)
+            reader = read_lmms_eval_samples if source == "lmms-eval" else read_vlmevalkit_predictions
+            records = reader(predictions, samples, bench.name)
             out_dir.mkdir(parents=True, exist_ok=True)
             converted = write_jsonl_atomic(out_dir / "predictions.jsonl", records)
-            extra.update(source="lmms-eval", converted_predictions=str(converted))
+            extra.update(source=source, converted_predictions=str(converted))
             predictions = converted
         results = score_run(bench, samples, predictions, out_dir, profile, extra=extra)
     _warn_duplicates(results, predictions)
