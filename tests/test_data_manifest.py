@@ -156,3 +156,27 @@ def test_cli_manifest(sources, tmp_path):
     assert r.exit_code == 2 and "name=value" in r.output
     r = CliRunner().invoke(main, ["data", "manifest", str(sources["big"]), "--out", str(tmp_path / "m3")])
     assert r.exit_code == 0 and "150 sequences" in r.output  # default: one per anchor frame
+
+
+def test_check_a_manifest_before_a_run(sources, tmp_path):
+    import shutil
+
+    m = build_manifest({"small": sources["small"]}, tmp_path / "m", ManifestSpec(sequences=30, radius=4),
+                       progress=False)
+    r = CliRunner().invoke(main, ["data", "check", str(m)])
+    assert r.exit_code == 0 and "30 sequences over" in r.output, r.output
+    copy = tmp_path / "small_copy"
+    shutil.copytree(sources["small"], copy)
+    m2 = build_manifest({"small": copy}, tmp_path / "m2", ManifestSpec(sequences=30, radius=4), progress=False)
+    shutil.rmtree(copy / "scene_00")  # a scene removed after the manifest was made
+    r = CliRunner().invoke(main, ["data", "check", str(m2)])
+    assert r.exit_code == 1 and "scene_00" in r.output and "problem" in r.output
+
+
+def test_a_radius_smaller_than_the_frame_count_repeats_window_frames(sources, tmp_path):
+    m = build_manifest({"big": sources["big"]}, tmp_path / "m", ManifestSpec(sequences=50, frames_max=24, radius=4),
+                       progress=False)
+    for r in _rows(m):
+        o = np.array(r["others"])
+        assert len(o) == 24 and (np.abs(o - r["anchor"]) <= 4).all() and r["anchor"] not in o
+        assert len(set(o[:8].tolist())) == min(8, len(set(o.tolist())))  # the distinct ones come first

@@ -65,14 +65,29 @@ def synth(out: Path, num_scenes: int, num_frames: int, size: int, seed: int, cam
 @click.option("--max-rows", type=click.IntRange(min=0), default=50, show_default=True,
               help="Most ok scenes listed in the table (broken ones are always listed).")
 def check(dataset: Path, max_rows: int) -> None:
-    """Validate DATASET (a folder of scenes, or one scene) and print a summary.
+    """Validate DATASET (a folder of scenes, or one scene, or a sequence manifest) and print a summary.
 
     Lists scenes, frames, resolution and the valid-depth fraction; every broken scene gets messages
-    naming scene, file and problem, and the command exits with status 1.
+    naming scene, file and problem, and the command exits with status 1. For a manifest folder: every
+    scene it names exists and holds every frame its rows use.
     """
     from gasp_vlm.data.scene import SceneError
     from gasp_vlm.data.scene_check import check_dataset, format_summary
 
+    if (dataset / "manifest.json").is_file():
+        from gasp_vlm.data.manifest import check_manifest
+
+        try:
+            summary, problems = check_manifest(dataset)
+        except SceneError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"manifest {summary['id']}: {summary['rows']} sequences over {summary['scenes']} scenes in "
+                   f"{summary['shards']} shards")
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        if problems:
+            raise click.ClickException(f"{dataset}: {len(problems)} problem(s) (above)")
+        return
     try:
         summaries = check_dataset(dataset)
     except SceneError as e:

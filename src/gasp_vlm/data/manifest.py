@@ -111,8 +111,10 @@ def _draw_rows(rng: np.random.Generator, scenes: list[tuple[str, int]], n: int, 
     cand = anchor[:, None] + offs[None, :]
     ok = (cand >= 0) & (cand < length[:, None])
     keys = np.where(ok, rng.random((n, offs.size)), np.inf)
-    order = np.argsort(keys, axis=1, kind="stable")[:, :m]
-    others = np.take_along_axis(cand, order, axis=1)
+    k = min(m, offs.size)  # a radius smaller than frames_max / 2 offers fewer candidates than slots
+    order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+    others = np.empty((n, m), dtype=np.int64)
+    others[:, :k] = np.take_along_axis(cand, order, axis=1)
     n_ok = ok.sum(1)
     short = np.nonzero(n_ok < m)[0]
     for i in short:  # small window: the valid ones first, then repeats of them (with replacement)
@@ -313,3 +315,44 @@ class ManifestGeometrySource:
 
     def targets(self, layout: "TokenLayout", item: dict) -> TokenTargets:
         return sequence_targets(layout, item, **self.settings)
+
+
+def check_manifest(path: str | os.PathLike, max_problems: int = 20) -> tuple[dict, list[str]]:
+    """Before a long run: every scene a manifest names exists under its source root and holds every
+    frame its rows use (image_names.json only, no images read). Returns (summary, problems)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    meta = read_manifest_meta(path)
+    roots = [Path(s["root"]) for s in meta["sources"]]
+    need: dict[tuple[int, str], int] = {}
+    rows = 0
+    for sh in meta["shards"]:
+        f = path / sh["file"]
+        try:
+            t = pq.read_table(f, columns=["source", "scene", "anchor", "others"])
+        except (OSError, ValueError) as e:
+            raise SceneError(f"{f}: unreadable manifest shard ({e})") from None
+        src, scene = t["source"].to_numpy(), t["scene"].to_pylist()
+        top = np.maximum(t["anchor"].to_numpy(), np.asarray(t["others"].combine_chunks().flatten())
+                         .reshape(t.num_rows, -1).max(axis=1))
+        for s_, sc, m in zip(src.tolist(), scene, top.tolist()):
+            key = (s_, sc)
+            need[key] = max(need.get(key, -1), m)
+        rows += t.num_rows
+    problems: list[str] = []
+    for (s_, sc), top in sorted(need.items()):
+        d = roots[s_] / sc
+        try:
+            n = len(read_image_names(d))
+        except SceneError as e:
+            problems.append(f"{meta['sources'][s_]['name']}: {e}")
+            continue
+        if top >= n:
+            problems.append(f"{d}: the manifest uses frame {top}, the scene has {n} frames (changed since?)")
+        if len(problems) >= max_problems:
+            problems.append(f"... (stopped after {max_problems} problems)")
+            break
+    if rows != meta["rows"]:
+        problems.append(f"{path}: manifest.json says {meta['rows']} rows, the shards hold {rows}")
+    return {"id": meta["id"], "rows": rows, "scenes": len(need), "shards": len(meta["shards"])}, problems
