@@ -314,3 +314,15 @@ def test_score_from_a_vlmevalkit_table_equals_our_own_predictions(tmp_path, fmt)
     r = CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(tmp_path / "other.tsv"),
                                   "--from", "vlmevalkit", "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "not a all_angles sample" in r.output
+
+
+def test_score_refuses_predictions_of_another_benchmark(tmp_path):
+    root = make_vsibench(tmp_path / "vsi", videos=False)
+    p = tmp_path / "blink_preds.jsonl"
+    p.write_text(json.dumps({"sample_id": "val_Counting_1", "raw_output": "(A)"}) + "\n")
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "none of its 1 sample_ids is a vsibench sample" in r.output
+    assert not (tmp_path / "o" / "results.json").exists()
+    p.write_text(json.dumps({"sample_id": "0", "raw_output": "4"}) + "\n" + json.dumps({"sample_id": "x9", "raw_output": "1"}) + "\n")
+    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "1 predictions name samples that are not in this vsibench copy" in r.output

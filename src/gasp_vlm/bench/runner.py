@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from gasp_vlm.bench.media import MediaError, VideoFrameCache, check_media_exists, decode_image
-from gasp_vlm.bench.records import Sample, read_predictions, repair_truncated_tail
+from gasp_vlm.bench.records import PredictionsFileError, Sample, read_predictions, repair_truncated_tail
 from gasp_vlm.bench.registry import Benchmark, get_benchmark, score_samples
 from gasp_vlm.io import write_json_atomic, write_jsonl_atomic
 
@@ -133,6 +133,12 @@ def score_run(bench: Benchmark, samples: Sequence[Sample], predictions_path: Pat
     untouched. The identical-repeat counts land in results.json (`duplicate_ids`, `duplicate_lines`).
     """
     raw, dups = read_predictions(predictions_path, tolerate_truncated_tail=True)
+    known = {s.sample_id for s in samples}
+    if raw and not known & set(raw):  # every id foreign: another benchmark's (or split's) predictions
+        shown = ", ".join(repr(k) for k in list(raw)[:3])
+        raise PredictionsFileError(f"{predictions_path}: none of its {len(raw)} sample_ids is a {bench.name} sample "
+                                   f"(e.g. {shown}; {bench.name} ids look like {sorted(known)[:3]}): predictions "
+                                   f"of another benchmark or split?")
     results, preds = score_samples(bench, samples, raw, profile)
     results.update(dups)
     if extra:

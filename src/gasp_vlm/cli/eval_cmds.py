@@ -88,6 +88,9 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
             predictions = converted
         results = score_run(bench, samples, predictions, out_dir, profile, extra=extra)
     _warn_duplicates(results, predictions)
+    if results.get("num_unknown_predictions"):
+        click.echo(f"warning: {predictions}: {results['num_unknown_predictions']} predictions name samples that are "
+                   f"not in this {results['benchmark']} copy (ignored)", err=True)
     click.echo(_summary(results))
     click.echo(f"wrote {out_dir / 'results.json'}")
 
