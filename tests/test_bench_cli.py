@@ -20,11 +20,16 @@ def _write_preds(path, preds: dict, extra_lines=()):
     return path
 
 
+def _score_cli(bench, root, predictions, out, *extra):
+    """`gasp score` on a predictions file (ours, or another harness's with --from)."""
+    return CliRunner().invoke(main, ["score", "--benchmark", bench, "--data", str(root), "--predictions",
+                                     str(predictions), "--out", str(out), *extra])
+
+
 def _score(tmp_path, bench, root, preds, *extra):
     p = _write_preds(tmp_path / f"{bench}.jsonl", preds)
     out = tmp_path / f"out_{bench}"
-    r = CliRunner().invoke(main, ["score", "--benchmark", bench, "--data", str(root), "--predictions", str(p),
-                                  "--out", str(out), *extra])
+    r = _score_cli(bench, root, p, out, *extra)
     assert r.exit_code == 0, r.output
     return json.loads((out / "results.json").read_text()), out
 
@@ -73,22 +78,18 @@ def test_malformed_predictions_line_is_named(tmp_path):
     root = make_vsibench(tmp_path / "vsi", videos=False)
     p = _write_preds(tmp_path / "p.jsonl", {"0": "4"}, extra_lines=['{"sample_id": "1", "raw_output": 3}',
                                                                    '{"sample_id": 2'])
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out",
-                                  str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, p, tmp_path / "o")
     assert r.exit_code != 0 and "p.jsonl:2: 'raw_output' must be a string" in r.output
     p.write_text('{"sample_id": "0", "raw_output": "4"}\n\nnot json\n')
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out",
-                                  str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, p, tmp_path / "o")
     assert r.exit_code != 0 and "p.jsonl:3: not valid JSON" in r.output
 
 
 def test_cli_data_errors(tmp_path):
     p = _write_preds(tmp_path / "p.jsonl", {})
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(tmp_path), "-p", str(p), "--out",
-                                  str(tmp_path / "o")])
+    r = _score_cli("vsibench", tmp_path, p, tmp_path / "o")
     assert r.exit_code != 0 and "no test.jsonl" in r.output
-    r = CliRunner().invoke(main, ["score", "-b", "nope", "--data", str(tmp_path), "-p", str(p), "--out",
-                                  str(tmp_path / "o")])
+    r = _score_cli("nope", tmp_path, p, tmp_path / "o")
     assert r.exit_code != 0 and "unknown benchmark 'nope'" in r.output
     r = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "missing --benchmark, --data, --model" in r.output
@@ -121,18 +122,13 @@ def test_compare_writes_table_and_png(tmp_path):
     assert json.loads((out / "compare.json").read_text())["rows"][0]["name"] == "overall"
 
 
-def _score_cmd(root, preds_path, out):
-    return CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(preds_path),
-                                     "--out", str(out)])
-
-
 def test_conflicting_duplicate_ids_fail_and_write_nothing(tmp_path):
     root = make_vsibench(tmp_path / "vsi", videos=False)
     # id 0 answered twice differently (once as an int id); id 1 repeated identically is not the problem
     p = _write_preds(tmp_path / "p.jsonl", {"0": "4", "1": "2.5"},
                      extra_lines=['{"sample_id": "1", "raw_output": "2.5"}', '{"sample_id": 0, "raw_output": "5"}'])
     out = tmp_path / "o"
-    r = _score_cmd(root, p, out)
+    r = _score_cli("vsibench", root, p, out)
     assert r.exit_code != 0
     assert f"{p}: 1 sample_id(s) appear more than once with different raw_output: '0' (lines 1, 4)" in r.output
     assert "Traceback" not in r.output and not out.exists()
@@ -147,7 +143,7 @@ def test_identical_duplicate_ids_warn_and_score_once(tmp_path):
     repeats = [json.dumps({"sample_id": s, "raw_output": preds[s]}) for s in ("0", "4", "0")]
     p = _write_preds(tmp_path / "dup.jsonl", preds, extra_lines=repeats)
     out = tmp_path / "o"
-    r = _score_cmd(root, p, out)
+    r = _score_cli("vsibench", root, p, out)
     assert r.exit_code == 0, r.output
     warning = f"warning: {p}: 2 sample_id(s) repeated with identical raw_output (3 extra line(s) ignored)"
     assert warning in r.stderr and warning not in r.stdout
@@ -231,13 +227,10 @@ def test_score_from_an_lmms_eval_log_equals_our_own_predictions(tmp_path, gz):
     docs = [r for r in rows if int(r["id"]) in answers]
     name = "samples_vsibench_2026-12-04T03-00-00.jsonl" + (".gz" if gz else "")
     log = _lmms_eval_log(tmp_path / name, [(d, answers[int(d["id"])]) for d in docs], gz=gz)
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
-                                  "lmms-eval", "--out", str(tmp_path / "from_log")])
+    r = _score_cli("vsibench", root, log, tmp_path / "from_log", "--from", "lmms-eval")
     assert r.exit_code == 0, r.output
-    ours = tmp_path / "ours.jsonl"
-    ours.write_text("".join(json.dumps({"sample_id": str(k), "raw_output": v}) + "\n" for k, v in answers.items()))
-    r2 = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(ours), "--out",
-                                   str(tmp_path / "ours_out")])
+    ours = _write_preds(tmp_path / "ours.jsonl", {str(k): v for k, v in answers.items()})
+    r2 = _score_cli("vsibench", root, ours, tmp_path / "ours_out")
     assert r2.exit_code == 0, r2.output
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("from_log", "ours_out"))
     assert a["overall"] == pytest.approx(b["overall"]) and a["categories"] == b["categories"]
@@ -249,12 +242,10 @@ def test_score_from_an_lmms_eval_log_equals_our_own_predictions(tmp_path, gz):
 def test_score_from_lmms_eval_refuses_another_benchmarks_log(tmp_path):
     root = make_vsibench(tmp_path / "vsi", videos=False)
     log = _lmms_eval_log(tmp_path / "samples_blink.jsonl", [({"idx": "val_Counting_1", "answer": "(A)"}, "(A)")])
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
-                                  "lmms-eval", "--out", str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, log, tmp_path / "o", "--from", "lmms-eval")
     assert r.exit_code == 1 and "none of its documents is a vsibench sample" in r.output
     (tmp_path / "bad.jsonl").write_text(json.dumps({"sample_id": "0", "raw_output": "5"}) + "\n")
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(tmp_path / "bad.jsonl"),
-                                  "--from", "lmms-eval", "--out", str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, tmp_path / "bad.jsonl", tmp_path / "o", "--from", "lmms-eval")
     assert r.exit_code == 1 and "not an lmms-eval --log_samples file" in r.output
 
 
@@ -262,14 +253,12 @@ def test_score_from_lmms_eval_without_docs_uses_doc_id_positions(tmp_path):
     root = make_vsibench(tmp_path / "vsi", videos=False)
     log = tmp_path / "samples_vsibench.jsonl"
     log.write_text("".join(json.dumps({"doc_id": i, "resps": [["4"]], "filtered_resps": ["4"]}) + "\n" for i in (0, 3)))
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
-                                  "lmms-eval", "--out", str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, log, tmp_path / "o", "--from", "lmms-eval")
     assert r.exit_code == 0, r.output
     conv = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert [c["sample_id"] for c in conv] == ["0", "3"] and [c["source_doc_id"] for c in conv] == [0, 3]
     log.write_text(json.dumps({"doc_id": 99, "filtered_resps": ["4"]}) + "\n")
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(log), "--from",
-                                  "lmms-eval", "--out", str(tmp_path / "o2")])
+    r = _score_cli("vsibench", root, log, tmp_path / "o2", "--from", "lmms-eval")
     assert r.exit_code == 1 and "doc_id 99" in r.output
 
 
@@ -299,20 +288,16 @@ def test_score_from_a_vlmevalkit_table_equals_our_own_predictions(tmp_path, fmt)
             w = csv.writer(f, delimiter="\t")
             w.writerow(cols)
             w.writerows(table)
-    r = CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(path), "--from",
-                                  "vlmevalkit", "--out", str(tmp_path / "vlm")])
+    r = _score_cli("all_angles", root, path, tmp_path / "vlm", "--from", "vlmevalkit")
     assert r.exit_code == 0, r.output
-    ours = tmp_path / "ours.jsonl"
-    ours.write_text("".join(json.dumps({"sample_id": str(k), "raw_output": v}) + "\n" for k, v in preds.items()))
-    assert CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(ours), "--out",
-                                     str(tmp_path / "ours_out")]).exit_code == 0
+    ours = _write_preds(tmp_path / "ours.jsonl", {str(k): v for k, v in preds.items()})
+    assert _score_cli("all_angles", root, ours, tmp_path / "ours_out").exit_code == 0
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("vlm", "ours_out"))
     assert a["overall"] == pytest.approx(b["overall"]) == pytest.approx(62.5)
     assert a["categories"] == b["categories"] and a["source"] == "vlmevalkit"
     # a table of another benchmark is refused by name
     (tmp_path / "other.tsv").write_text("index\tprediction\n12345\tA\n")
-    r = CliRunner().invoke(main, ["score", "-b", "all_angles", "--data", str(root), "-p", str(tmp_path / "other.tsv"),
-                                  "--from", "vlmevalkit", "--out", str(tmp_path / "o")])
+    r = _score_cli("all_angles", root, tmp_path / "other.tsv", tmp_path / "o", "--from", "vlmevalkit")
     assert r.exit_code == 1 and "not a all_angles sample" in r.output
 
 
@@ -320,9 +305,9 @@ def test_score_refuses_predictions_of_another_benchmark(tmp_path):
     root = make_vsibench(tmp_path / "vsi", videos=False)
     p = tmp_path / "blink_preds.jsonl"
     p.write_text(json.dumps({"sample_id": "val_Counting_1", "raw_output": "(A)"}) + "\n")
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out", str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, p, tmp_path / "o")
     assert r.exit_code == 1 and "none of its 1 sample_ids is a vsibench sample" in r.output
     assert not (tmp_path / "o" / "results.json").exists()
     p.write_text(json.dumps({"sample_id": "0", "raw_output": "4"}) + "\n" + json.dumps({"sample_id": "x9", "raw_output": "1"}) + "\n")
-    r = CliRunner().invoke(main, ["score", "-b", "vsibench", "--data", str(root), "-p", str(p), "--out", str(tmp_path / "o")])
+    r = _score_cli("vsibench", root, p, tmp_path / "o")
     assert r.exit_code == 0 and "1 predictions name samples that are not in this vsibench copy" in r.output

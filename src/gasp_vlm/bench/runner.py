@@ -169,12 +169,14 @@ def _prediction_files(out: Path) -> list[Path]:
     return [p for p in [out / PREDICTIONS, *sorted(out.glob("predictions.rank-*-of-*.jsonl"))] if p.exists()]
 
 
-def _answered(out: Path) -> set[str]:
-    """Sample ids any prediction file in ``out`` answers (merged or per rank, any world size)."""
-    done: set[str] = set()
+def _answers(out: Path) -> dict[str, dict]:
+    """sample_id -> record over every prediction file in ``out`` (merged or per rank, any world size;
+    the merged file first, so its record wins)."""
+    records: dict[str, dict] = {}
     for p in _prediction_files(out):
-        done |= set(read_predictions(p, tolerate_truncated_tail=True)[0])
-    return done
+        for sid, rec in read_predictions(p, tolerate_truncated_tail=True)[0].items():
+            records.setdefault(sid, rec)
+    return records
 
 
 def _merge_ranks(out: Path, samples: Sequence[Sample], config: dict, wait_timeout_s: float | None, poll_s: float,
@@ -184,7 +186,8 @@ def _merge_ranks(out: Path, samples: Sequence[Sample], config: dict, wait_timeou
     want = [s.sample_id for s in samples]
     t0, last_note = time.time(), 0.0
     while True:
-        missing = set(want) - _answered(out)
+        records = _answers(out)
+        missing = set(want) - set(records)
         if not missing:
             break
         waited = time.time() - t0
@@ -196,10 +199,6 @@ def _merge_ranks(out: Path, samples: Sequence[Sample], config: dict, wait_timeou
             last_note = waited
         time.sleep(poll_s)
     files = _prediction_files(out)
-    records: dict[str, dict] = {}
-    for p in files:
-        for sid, rec in read_predictions(p, tolerate_truncated_tail=True)[0].items():
-            records.setdefault(sid, rec)
     write_jsonl_atomic(out / PREDICTIONS, (records[sid] for sid in want))
     for p in out.glob("run.rank-*-of-*.json"):
         try:
@@ -266,7 +265,7 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
 
     pred_path = out / (PREDICTIONS if world == 1 else f"predictions.rank-{rank}-of-{world}.jsonl")
     repair_truncated_tail(pred_path)  # a crash may have left half a line
-    done = _answered(out)
+    done = set(_answers(out))
     pending = [s for s in shard_samples(samples, rank, world) if s.sample_id not in done]
     check_media_exists(pending)  # fail before any model time is spent
 

@@ -32,15 +32,14 @@ import json
 import os
 import shutil
 import uuid
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene, read_image_names
-from gasp_vlm.data.sequences import SNAP_MODES, load_views, sequence_targets
+from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, read_image_names
+from gasp_vlm.data.sequences import SNAP_MODES, SceneCache, load_views, sequence_targets
 from gasp_vlm.data.targets import GRIDS, TokenTargets
 
 if TYPE_CHECKING:
@@ -211,6 +210,19 @@ def read_manifest_meta(path: Path) -> dict:
     return meta
 
 
+def read_shard(path: Path) -> dict[str, np.ndarray]:
+    """One parquet shard -> row, source, anchor (n,), scene (n,) object, others (n, frames_max)."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path, columns=["row", "source", "scene", "anchor", "others"])
+    except (OSError, ValueError) as e:
+        raise SceneError(f"{path}: unreadable manifest shard ({e})") from None
+    return {"row": t["row"].to_numpy(), "source": t["source"].to_numpy(),
+            "scene": np.asarray(t["scene"].to_pylist(), dtype=object), "anchor": t["anchor"].to_numpy(),
+            "others": np.asarray(t["others"].combine_chunks().flatten()).reshape(t.num_rows, -1)}
+
+
 def owned_shards(n_shards: int, rank: int, world: int) -> tuple[list[int], bool]:
     """(shards rank reads, whether it must further keep only rows i ≡ rank mod world)."""
     if n_shards >= world:
@@ -230,8 +242,6 @@ class ManifestGeometrySource:
     def __init__(self, path: str | os.PathLike, rank: int = 0, world: int = 1, grid: str = "coarse",
                  fine_per_token: int = 2, rel_tol: float = 0.05, min_valid_fraction: float = 0.5,
                  anchors: str = "one", snap_queries: str = "auto", scene_cache: int = 256) -> None:
-        import pyarrow.parquet as pq
-
         if grid not in GRIDS or snap_queries not in SNAP_MODES:
             raise ValueError(f"grid must be one of {GRIDS} and snap_queries one of {SNAP_MODES}")
         self.path = Path(path)
@@ -241,31 +251,19 @@ class ManifestGeometrySource:
         self.settings = dict(grid=grid, fine_per_token=fine_per_token, rel_tol=rel_tol,
                              min_valid_fraction=min_valid_fraction, anchors=anchors, snap_queries=snap_queries)
         shards, stride = owned_shards(len(self.meta["shards"]), rank, world)
-        cols = {"row": [], "source": [], "scene": [], "anchor": [], "others": []}
-        for s in shards:
-            f = self.path / self.meta["shards"][s]["file"]
-            try:
-                t = pq.read_table(f, columns=list(cols))
-            except (OSError, ValueError) as e:
-                raise SceneError(f"{f}: unreadable manifest shard ({e})") from None
-            cols["row"].append(t["row"].to_numpy())
-            cols["source"].append(t["source"].to_numpy())
-            cols["scene"] += t["scene"].to_pylist()
-            cols["anchor"].append(t["anchor"].to_numpy())
-            cols["others"].append(np.asarray(t["others"].combine_chunks().flatten()).reshape(t.num_rows, -1))
-        self.rows = np.concatenate(cols["row"])
-        self.source = np.concatenate(cols["source"])
-        self.scene = np.asarray(cols["scene"], dtype=object)
-        self.anchor = np.concatenate(cols["anchor"])
-        self.others = np.concatenate(cols["others"])
+        parts = [read_shard(self.path / self.meta["shards"][s]["file"]) for s in shards]
+        self.rows = np.concatenate([p["row"] for p in parts])
+        self.source = np.concatenate([p["source"] for p in parts])
+        self.scene = np.concatenate([p["scene"] for p in parts])
+        self.anchor = np.concatenate([p["anchor"] for p in parts])
+        self.others = np.concatenate([p["others"] for p in parts])
         if stride:
             keep = self.rows % world == rank
             self.rows, self.source, self.scene = self.rows[keep], self.source[keep], self.scene[keep]
             self.anchor, self.others = self.anchor[keep], self.others[keep]
         if len(self.rows) == 0:
             raise SceneError(f"{self.path}: rank {rank} of {world} owns no rows ({self.total} in the manifest)")
-        self._scenes: OrderedDict[tuple[int, str], Scene] = OrderedDict()
-        self._scene_cache = int(scene_cache)
+        self._scenes = SceneCache(scene_cache)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -280,16 +278,7 @@ class ManifestGeometrySource:
         return off if epoch == 0 else shuffled_index(off, len(self), _permutation_key(seed, epoch))
 
     def scene_of(self, i: int) -> Scene:
-        key = (int(self.source[i]), str(self.scene[i]))
-        sc = self._scenes.get(key)
-        if sc is None:
-            sc = load_scene(self.roots[key[0]] / key[1])
-            self._scenes[key] = sc
-            if len(self._scenes) > self._scene_cache:
-                self._scenes.popitem(last=False)
-        else:
-            self._scenes.move_to_end(key)
-        return sc
+        return self._scenes.get(self.roots[int(self.source[i])] / str(self.scene[i]))
 
     def frame_ids(self, i: int, num_frames: int) -> tuple[list[int], int]:
         """(frame ids in temporal order, anchor position) of local row i with ``num_frames`` frames."""
@@ -320,26 +309,18 @@ class ManifestGeometrySource:
 def check_manifest(path: str | os.PathLike, max_problems: int = 20) -> tuple[dict, list[str]]:
     """Before a long run: every scene a manifest names exists under its source root and holds every
     frame its rows use (image_names.json only, no images read). Returns (summary, problems)."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     meta = read_manifest_meta(path)
     roots = [Path(s["root"]) for s in meta["sources"]]
     need: dict[tuple[int, str], int] = {}
     rows = 0
     for sh in meta["shards"]:
-        f = path / sh["file"]
-        try:
-            t = pq.read_table(f, columns=["source", "scene", "anchor", "others"])
-        except (OSError, ValueError) as e:
-            raise SceneError(f"{f}: unreadable manifest shard ({e})") from None
-        src, scene = t["source"].to_numpy(), t["scene"].to_pylist()
-        top = np.maximum(t["anchor"].to_numpy(), np.asarray(t["others"].combine_chunks().flatten())
-                         .reshape(t.num_rows, -1).max(axis=1))
-        for s_, sc, m in zip(src.tolist(), scene, top.tolist()):
+        t = read_shard(path / sh["file"])
+        top = np.maximum(t["anchor"], t["others"].max(axis=1))
+        for s_, sc, m in zip(t["source"].tolist(), t["scene"], top.tolist()):
             key = (s_, sc)
             need[key] = max(need.get(key, -1), m)
-        rows += t.num_rows
+        rows += len(t["row"])
     problems: list[str] = []
     for (s_, sc), top in sorted(need.items()):
         d = roots[s_] / sc

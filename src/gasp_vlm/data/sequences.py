@@ -66,29 +66,42 @@ def resize_view(image: np.ndarray, depth: np.ndarray, objects: np.ndarray | None
     return img, d, obj, scale_intrinsics(K, w / w0, h / h0)
 
 
+class SceneCache:
+    """Scenes loaded (and checked) on first use, the ``size`` most recently used kept in memory."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._cache: OrderedDict[Path, Scene] = OrderedDict()
+        self._size = int(size)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, path: Path) -> Scene:
+        sc = self._cache.get(path)
+        if sc is None:
+            sc = self._cache[path] = load_scene(path)
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(path)
+        return sc
+
+
 class LazyScenes:
-    """Scenes of a dataset by position, loaded (and checked) on first use and kept in a bounded LRU
-    cache; ``frames`` and ``names`` come from each scene's image_names.json / folder name up front."""
+    """Scenes of a dataset by position, loaded on first use (``SceneCache``); ``frames`` and ``names``
+    come from each scene's image_names.json / folder name up front."""
 
     def __init__(self, dirs: Sequence[Path], cache: int = 256) -> None:
         self.dirs = list(dirs)
         self.names = [d.name for d in self.dirs]
         self.frames = [len(read_image_names(d)) for d in self.dirs]
-        self._cache: OrderedDict[int, Scene] = OrderedDict()
-        self._size = int(cache)
+        self._scenes = SceneCache(cache)
 
     def __len__(self) -> int:
         return len(self.dirs)
 
     def __getitem__(self, k: int) -> Scene:
-        sc = self._cache.get(k)
-        if sc is None:
-            sc = self._cache[k] = load_scene(self.dirs[k])
-            if len(self._cache) > self._size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(k)
-        return sc
+        return self._scenes.get(self.dirs[k])
 
     def __iter__(self):
         return (self[k] for k in range(len(self)))

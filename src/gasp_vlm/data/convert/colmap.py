@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gasp_vlm.data.convert.common import ConvertError
+from gasp_vlm.data.convert.common import ConvertError, check_rotation
 
 # Spherical projections have no pinhole equivalent; everything else COLMAP can undistort.
 NOT_UNDISTORTABLE = ("EQUIRECTANGULAR",)
@@ -58,11 +58,13 @@ def find_model(candidates: list[Path]) -> Path | None:
     return None
 
 
-def cam_from_world(image: Any) -> np.ndarray:
-    """(3, 4) float64 cam_from_world of a registered pycolmap image."""
+def cam_from_world(image: Any, where: str | None = None) -> np.ndarray:
+    """(3, 4) float64 cam_from_world of a registered pycolmap image, checked to be a finite rotation."""
     pose = image.cam_from_world
     pose = pose() if callable(pose) else pose  # a method since pycolmap 3.12
-    return np.asarray(pose.matrix(), dtype=np.float64)
+    cfw = np.asarray(pose.matrix(), dtype=np.float64)
+    check_rotation(cfw[:, :3], where or f"COLMAP image {image.name}")
+    return cfw
 
 
 def images_by_name(rec: Any) -> dict[str, Any]:
@@ -100,12 +102,16 @@ def pinhole_K(camera: Any) -> np.ndarray:
     return np.asarray(camera.calibration_matrix(), dtype=np.float64)
 
 
+def _check_undistortable(camera: Any, where: str) -> None:
+    if camera.model.name in NOT_UNDISTORTABLE:
+        raise ConvertError(f"{where}: COLMAP camera model {camera.model.name} cannot be undistorted to a pinhole "
+                           "camera")
+
+
 def undistorted_camera(camera: Any, where: str) -> Any:
     """The pinhole camera COLMAP's undistorter makes of ``camera`` (itself if already undistorted)."""
     pycolmap = pycolmap_module()
-    name = camera.model.name
-    if name in NOT_UNDISTORTABLE:
-        raise ConvertError(f"{where}: COLMAP camera model {name} cannot be undistorted to a pinhole camera")
+    _check_undistortable(camera, where)
     if not is_distorted(camera):
         return camera
     return pycolmap.undistort_camera(pycolmap.UndistortCameraOptions(), camera)
@@ -114,9 +120,7 @@ def undistorted_camera(camera: Any, where: str) -> Any:
 def undistort_rgb(rgb: np.ndarray, camera: Any, where: str) -> tuple[np.ndarray, Any]:
     """(H, W, 3) uint8 in ``camera`` -> (undistorted image, its pinhole camera), as COLMAP warps it."""
     pycolmap = pycolmap_module()
-    name = camera.model.name
-    if name in NOT_UNDISTORTABLE:
-        raise ConvertError(f"{where}: COLMAP camera model {name} cannot be undistorted to a pinhole camera")
+    _check_undistortable(camera, where)
     if not is_distorted(camera):
         return rgb, camera
     bitmap = pycolmap.Bitmap.from_array(np.ascontiguousarray(rgb, dtype=np.uint8))

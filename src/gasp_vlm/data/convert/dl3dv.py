@@ -148,8 +148,7 @@ def _convert_dense(ws: Path, w: SceneWriter, frame_step: int, max_frames: int | 
         d = read_user_depth(dfile)
         cam = camera_at_size(rec.cameras[img.camera_id], image_hw(ipath), where)
         image, K = fit_image_to_depth(ipath, pinhole_K(cam), d.shape)
-        cfw = cam_from_world(img)
-        check_rotation(cfw[:, :3], where)
+        cfw = cam_from_world(img, where)
         w.add_frame(Path(img.name).name, image, d, K, cfw)
 
 
@@ -171,8 +170,7 @@ def _convert_colmap(src: Path, model_dir: Path, w: SceneWriter, source: str, dep
         else:
             d = sparse_depth(rec, img, K, rgb.shape[:2])
             valid.append(float((d > 0).mean()))
-        cfw = cam_from_world(img)
-        check_rotation(cfw[:, :3], where)
+        cfw = cam_from_world(img, where)
         w.add_frame(ipath.name, rgb, d, K, cfw)
     if valid:
         w.meta["sparse_valid_fraction"] = round(float(np.mean(valid)), 6)

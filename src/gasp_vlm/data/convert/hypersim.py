@@ -98,15 +98,11 @@ def hypersim_scenes(src: Path) -> list[SceneJob]:
     return jobs
 
 
-def convert_hypersim(src: tuple[Path, str] | Path, out: Path, *, images: str = "tonemap", fov_deg: float = 60.0,
+def convert_hypersim(src: tuple[Path, str], out: Path, *, images: str = "tonemap", fov_deg: float = 60.0,
                      camera_params: Path | None = None, frame_step: int = 1, max_frames: int | None = None,
                      overwrite: bool = False, depth_format: str = "float32") -> Path:
-    """One Hypersim (scene folder, camera name) -> canonical scene at ``out`` (written atomically)."""
-    if isinstance(src, (str, Path)):  # a scene folder: its only (or first) camera
-        jobs = hypersim_scenes(Path(src))
-        if not jobs:
-            raise ConvertError(f"{src}: no Hypersim camera trajectories (expected {LAYOUT})")
-        src = jobs[0].src
+    """One Hypersim (scene folder, camera name) job of ``hypersim_scenes`` -> canonical scene at ``out``
+    (written atomically)."""
     scene, cam = Path(src[0]), str(src[1])
     if images not in ("tonemap", "hdf5"):
         raise ConvertError(f"images must be 'tonemap' or 'hdf5', got {images!r}")

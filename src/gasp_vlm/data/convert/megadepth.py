@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gasp_vlm.data.convert.colmap import (cam_from_world, camera_at_size, images_by_name, pinhole_K, read_model,
                                           undistorted_camera)
-from gasp_vlm.data.convert.common import ConvertError, check_rotation, clean_depth, image_hw, read_h5, subsample
+from gasp_vlm.data.convert.common import ConvertError, clean_depth, image_hw, read_h5, subsample
 from gasp_vlm.data.convert.runner import SceneJob
 from gasp_vlm.data.scene import SceneWriter
 
@@ -92,8 +92,5 @@ def convert_megadepth(src: tuple[Path, Path, str], out: Path, *, frame_step: int
             if image_hw(ipath) != d.shape:
                 raise ConvertError(f"{ipath}: image {image_hw(ipath)} and depth {d.shape} differ in size")
             K = pinhole_K(camera_at_size(ud_cams[img.camera_id], d.shape, where, aspect_tol=0.02))
-            cfw = cam_from_world(img)
-            check_rotation(cfw[:, :3], where)
-            w.add_frame(name if Path(name).suffix.lower() in (".jpg", ".png", ".jpeg") else f"{name}.jpg",
-                        ipath, d, K, cfw)
+            w.add_frame(name, ipath, d, K, cam_from_world(img, where))
     return Path(out)

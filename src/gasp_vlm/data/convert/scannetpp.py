@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gasp_vlm.data.convert.colmap import cam_from_world, camera_at_size, images_by_name, is_distorted, pinhole_K, read_model
-from gasp_vlm.data.convert.common import (ConvertError, check_rotation, clean_depth, find_depth_file, fit_image_to_depth,
+from gasp_vlm.data.convert.common import (ConvertError, clean_depth, find_depth_file, fit_image_to_depth,
                                           image_hw, read_json, read_png16, read_user_depth, subsample)
 from gasp_vlm.data.convert.dl3dv import dl3dv_camera
 from gasp_vlm.data.convert.runner import SceneJob
@@ -67,8 +67,7 @@ def _convert_iphone(scene: Path, w: SceneWriter, depth: Path | None, depth_scale
         else:
             d = read_user_depth(find_depth_file(depth_dir, name), depth_scale)
         image, K = fit_image_to_depth(rgb, K, d.shape, aspect_tol=0.02)
-        cfw = cam_from_world(img)
-        check_rotation(cfw[:, :3], where)
+        cfw = cam_from_world(img, where)
         w.add_frame(name, image, d, K, cfw)
 
 
