@@ -128,6 +128,10 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
             state["optimizer"] = optimizer.state_dict()
         save_tree(state, tmp / "trainer_state")
         (tmp / META).write_text(json.dumps(checkpoint_meta(cfg, adapter, gm.heads, step), indent=2))
+    # every rank's own files (rng, engine shards) must be in tmp before rank 0 renames it: a slow rank
+    # would otherwise write into a folder that has already moved (seen in CI: rank 1 died mid-save)
+    accelerator.wait_for_everyone()
+    if main:
         if ckpt_dir.exists():  # re-saving the same step: swap the old one out first
             old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
             os.replace(ckpt_dir, old)
