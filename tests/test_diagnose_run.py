@@ -232,11 +232,17 @@ def test_cli_run_and_compare(tmp_path):
     assert [e["layer"] for e in rep["layers"]] == [0, 7] and "reverse" in rep
     r = _cli(["diagnose", "-m", "tiny-qwen2-vl", "-o", str(tmp_path / "b"), *common])
     assert r.exit_code == 0, r.output
-    r = _cli(["diagnose", "--compare", str(tmp_path / "a" / "report.json"), str(tmp_path / "b" / "report.json"),
-              "--out", str(tmp_path / "c"), "--labels", "qwen2.5,qwen2"])
+    r = _cli(["diagnose", "-m", "tiny-qwen3-vl", "-o", str(tmp_path / "q3"), "--modes", "qk,hidden", *common])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "q3" / "report.json").read_text())
+    assert [e["layer"] for e in rep["layers"]] == [0, 7]
+    assert json.loads((tmp_path / "q3" / "run.json").read_text())["config"]["family"] == "qwen3_vl"
+    reports = [str(tmp_path / d / "report.json") for d in ("a", "b", "q3")]
+    r = _cli(["diagnose", "--compare", *reports, "--out", str(tmp_path / "c"), "--labels", "qwen2.5,qwen2,qwen3"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "c" / "compare_pck_per_layer.png").is_file()
     assert "| qwen2.5 |" in (tmp_path / "c" / "compare.md").read_text()
+    assert "| qwen3 |" in (tmp_path / "c" / "compare.md").read_text()
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -23,8 +23,8 @@ def make_local(adapter) -> None:
     vis = adapter.vision_module()
     with torch.no_grad():
         for name, p in vis.named_parameters():
-            if any(k in name for k in ("attn.proj", "mlp.down_proj", "mlp.fc2", "self_attn.out_proj",
-                                        "position_embedding", "class_embedding")):
+            if any(k in name for k in ("attn.proj", "mlp.down_proj", "mlp.fc2", "mlp.linear_fc2", "self_attn.out_proj",
+                                        "position_embedding", "pos_embed", "class_embedding")):
                 p.zero_()
 
 
@@ -63,6 +63,9 @@ CASES = [
     ("tiny-qwen2.5-vl", "pair", 4),
     ("tiny-qwen2-vl", "video_dup", 3),
     ("tiny-qwen2-vl", "pair", 3),
+    ("tiny-qwen3-vl", "video_dup", 3),  # 32 px tokens, one timestamped block per slot
+    ("tiny-qwen3-vl", "images", 3),
+    ("tiny-qwen3-vl", "pair", 3),
     ("tiny-llava-next-video", "video", 3),
 ]
 
@@ -76,9 +79,10 @@ def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
     ad = load_adapter(preset, overrides=over)
     make_local(ad)
     if is_llava:
-        h, w, x_off, rows, cols = 84, 140, 28, 3, 3  # crop offset (140 - 84) / 2 = 28 px, computed by hand
+        px, h, w, x_off, rows, cols = 28, 84, 140, 28, 3, 3  # crop offset (140 - 84) / 2 = 28 px, computed by hand
     else:
-        h, w, x_off, rows, cols = 56, 84, 0, 2, 3
+        px = ad.patch * ad.merge  # 28 (Qwen2/2.5) or 32 (Qwen3) input pixels per token
+        h, w, x_off, rows, cols = 2 * px, 3 * px, 0, 2, 3
     # Pair mode: both frames of a slot carry the same code, so a code names (slot, row, col).
     n_codes_frames = (n_frames + 1) // 2 if mode == "pair" else n_frames
     colors = palette(n_codes_frames * rows * cols)
@@ -92,7 +96,7 @@ def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
         fc = f // 2 if mode == "pair" else f
         for r in range(rows):
             for c in range(cols):
-                img[r * 28:(r + 1) * 28, x_off + c * 28:x_off + (c + 1) * 28] = colors[code(fc, r, c)]
+                img[r * px:(r + 1) * px, x_off + c * px:x_off + (c + 1) * px] = colors[code(fc, r, c)]
         frames.append(img)
     batch = ad.prepare_frames([frames], frame_mode=mode)
     lay = batch.layouts[0]

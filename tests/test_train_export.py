@@ -11,10 +11,11 @@ from gasp_vlm.train.recipe import GaspRecipe
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("preset, lora", [("tiny-qwen2.5-vl", True), ("tiny-llava-next-video", False)])
+@pytest.mark.parametrize("preset, lora", [("tiny-qwen2.5-vl", True), ("tiny-qwen3-vl", True), ("tiny-llava-next-video", False)])
 def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, preset, lora):
     from click.testing import CliRunner
-    from transformers import LlavaNextVideoForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import (LlavaNextVideoForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
 
     from gasp_vlm.cli import main
     from gasp_vlm.models import load_adapter
@@ -31,7 +32,7 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, pres
     res = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
 
-    cls = {"tiny-qwen2.5-vl": Qwen2_5_VLForConditionalGeneration,
+    cls = {"tiny-qwen2.5-vl": Qwen2_5_VLForConditionalGeneration, "tiny-qwen3-vl": Qwen3VLForConditionalGeneration,
            "tiny-llava-next-video": LlavaNextVideoForConditionalGeneration}[preset]
     plain = cls.from_pretrained(tmp_path / "hf").eval()  # no gasp-vlm code involved in loading
     base = load_adapter(preset, overrides={"num_hidden_layers": 2}).model
@@ -68,7 +69,7 @@ def _export(tmp_path, preset: str):
     return export_checkpoint(ckpt, tmp_path / "hf")
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl"])
 def test_export_ships_the_processor_the_model_was_trained_with(tmp_path, preset):
     """The export's image processor, chat template and generation config (loaded with plain transformers)
     produce exactly the inputs of the adapter's own generation path: same pixels, same token ids."""

@@ -1,4 +1,4 @@
-"""VLM adapters: one interface over Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
+"""VLM adapters: one interface over Qwen3-VL, Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.llava_next_video import LlavaNextVideoAdapter
 from gasp_vlm.models.presets import PRESETS
 from gasp_vlm.models.qwen import Qwen2VLAdapter, QwenVLAdapter
+from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {
-    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, LlavaNextVideoAdapter)
+    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, LlavaNextVideoAdapter)
 }
 
 __all__ = ["ADAPTERS", "PRESETS", "CaptureResult", "FrameTransform", "ModelLoadError", "PreparedBatch",
@@ -54,7 +55,29 @@ def family_of(config_or_dir: Any) -> str:
                          f"{sorted(t for c in ADAPTERS.values() for t in c.hf_model_types)}")
 
 
-def _preprocessor_settings(path: Path, family: str) -> dict:
+def _check_processor(path: Path, cls: type[VLMAdapter]) -> None:
+    """Refuse a processor config written for another family or another tower (checked before any weight
+    is read): its pixels would be cut into patches the model does not expect (a Qwen2.5-VL processor,
+    14 px, beside a Qwen3-VL model, 16 px)."""
+    patch = (json.loads((path / "config.json").read_text()).get("vision_config") or {}).get("patch_size")
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{f}: invalid JSON ({e})") from e
+        theirs = cfg.get("processor_class")
+        if theirs and theirs != cls.processor_class:
+            raise ModelLoadError(f"{f}: processor_class {theirs!r}, but config.json is a {cls.family} model "
+                                 f"(processor {cls.processor_class!r}); copy the processor files of the same model")
+        if patch is not None and "patch_size" in cfg and int(cfg["patch_size"]) != int(patch):
+            raise ModelLoadError(f"{f}: patch_size {cfg['patch_size']}, but the model's vision tower uses {patch} "
+                                 f"(a processor from another model?)")
+
+
+def _preprocessor_settings(path: Path, cls: type[VLMAdapter]) -> dict:
     """Pixel settings a checkpoint's processor config fixes (min/max pixels, mean/std)."""
     out: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
@@ -64,7 +87,7 @@ def _preprocessor_settings(path: Path, family: str) -> dict:
         cfg = json.loads(f.read_text())
         if "image_mean" in cfg:
             out["image_mean"], out["image_std"] = cfg["image_mean"], cfg["image_std"]
-        if family in ("qwen2_5_vl", "qwen2_vl"):
+        if issubclass(cls, QwenVLAdapter):  # a per-frame pixel budget
             size = cfg.get("size") or {}
             min_p = cfg.get("min_pixels", size.get("shortest_edge"))
             max_p = cfg.get("max_pixels", size.get("longest_edge"))
@@ -94,6 +117,7 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
             raise ModelLoadError(f"{path}: not a directory (expected a Hugging Face model directory or a preset: "
                                  f"{sorted(PRESETS)})")
         family = family_of(path)
+        _check_processor(path, ADAPTERS[family])
         note = path / "gasp_adapter.json"
         saved = json.loads(note.read_text()) if note.is_file() else {}
         src = str(path)
@@ -109,11 +133,11 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
     else:
         raise ModelLoadError(f"{name!r}: no such directory and not a preset (presets: {sorted(PRESETS)})")
 
-    from transformers import AutoProcessor, AutoTokenizer, LlavaNextVideoForConditionalGeneration
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
 
-    model_cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-                 "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
+    cls = ADAPTERS[family]
+    model_cls = getattr(transformers, cls.hf_class)
     model = model_cls.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
                                       use_safetensors=True, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -121,11 +145,10 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - optional
         processor = None
-    kw = _preprocessor_settings(path, family) if path.exists() else {}
-    for key in ("min_pixels", "max_pixels"):
-        if key in saved and family != "llava_next_video":
+    kw = _preprocessor_settings(path, cls) if path.exists() else {}
+    for key in ("min_pixels", "max_pixels", "video_fps"):
+        if key in saved and key in cls.__init__.__code__.co_varnames:
             kw[key] = saved[key]
     kw.update(adapter_kwargs)
-    cls = ADAPTERS[family]
     return cls(model.to(device).eval(), tok, processor=processor, preset=saved.get("preset"),
                frame_mode=frame_mode or saved.get("frame_mode"), **kw)

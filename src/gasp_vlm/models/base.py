@@ -131,6 +131,11 @@ class VLMAdapter:
 
     default_frame_mode = "video"
     frame_modes: tuple[str, ...] = ("video",)
+    hf_class: str = ""  # the transformers class ``from_pretrained`` loads a checkpoint with
+    processor_class: str = ""  # the HF processor class of the family (exports write it; loads check it)
+    # True where the model adds features to the stream between decoder layers (Qwen3-VL's DeepStack):
+    # hidden[l] is then captured as layer l+1's input, the stream the next query reads
+    adds_between_layers = False
 
     def preparer(self) -> "VLMAdapter":
         """A copy without the model, for DataLoader workers: encoding (tokeniser, pixels, layouts) needs
@@ -236,7 +241,7 @@ class VLMAdapter:
         keep = None if labels is None else F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
         with torch.set_grad_enabled(grad):
             with capture_visual_features(self.decoder_layers(), rows, what, layers, self.num_heads,
-                                         self.head_dim) as cap:
+                                         self.head_dim, self.adds_between_layers) as cap:
                 out = self.model(**inputs, use_cache=False, logits_to_keep=1 if keep is None else keep)
             cap.logits = out.logits
             if keep is not None:

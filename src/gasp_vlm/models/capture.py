@@ -5,9 +5,13 @@ full-sequence activations exist at a time (the model's own) and only (B, N_visua
 
 Captured per decoder layer l:
 - ``hidden[l]``  (B, N, D)      output of layer l (keeps its autograd graph when grad is enabled; the
-                                 last layer is taken *before* the final norm, unlike output_hidden_states)
-- ``q[l]``       (B, N, H*hd)   pre-RoPE q_proj output (the "content" query)
-- ``k[l]``       (B, N, H*hd)   pre-RoPE k_proj output, GQA kv heads repeated to the H query heads
+                                 last layer is taken *before* the final norm, unlike output_hidden_states).
+                                 With ``hidden_from_next_input`` it is the stream layer l+1 reads: the same
+                                 tensor, except where the model adds features between layers (Qwen3-VL's
+                                 DeepStack adds vision-layer features to the visual tokens after layers 0..k)
+- ``q[l]``       (B, N, H*hd)   pre-RoPE query: q_proj's output, after the per-head ``q_norm`` where the
+                                 attention has one (Qwen3's QK-norm), i.e. what RoPE is applied to
+- ``k[l]``       (B, N, H*hd)   the same for keys (k_proj, ``k_norm``), GQA kv heads repeated to the H query heads
 - ``q_rope[l]``, ``k_rope[l]``  the same after the model's own rotary (M-RoPE for Qwen, 1-D for Llama),
                                  applied with the attention module's own ``apply_rotary_pos_emb``
 
@@ -63,6 +67,7 @@ def capture_visual_features(
     layers: Sequence[int] | None,
     num_heads: int,
     head_dim: int,
+    hidden_from_next_input: bool = False,
 ) -> Iterator[CaptureResult]:
     """Register capture hooks for the duration of one forward.
 
@@ -82,19 +87,27 @@ def capture_visual_features(
     for l in layer_ids:
         layer = decoder_layers[l]
         attn = layer.self_attn
-        if "hidden" in what:
+        if "hidden" in what and hidden_from_next_input and l + 1 < len(decoder_layers):
+            def next_input_hook(mod, args, kwargs, l=l):
+                h = args[0] if args else kwargs["hidden_states"]
+                result.hidden[l] = _gather_rows(h, rows)
+            handles.append(decoder_layers[l + 1].register_forward_pre_hook(next_input_hook, with_kwargs=True))
+        elif "hidden" in what:
             def hidden_hook(mod, args, out, l=l):
                 h = out[0] if isinstance(out, tuple) else out
                 result.hidden[l] = _gather_rows(h, rows)
             handles.append(layer.register_forward_hook(hidden_hook))
+        # QK-norm (Qwen3): its (B, S, heads, hd) output is the query RoPE rotates, so capture that
+        q_mod = attn.q_norm if getattr(attn, "q_norm", None) is not None else attn.q_proj
+        k_mod = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
         if "q" in what or want_rope:
             def q_hook(mod, args, out, l=l):
-                pre_q[l] = _gather_rows(out, rows)
-            handles.append(attn.q_proj.register_forward_hook(q_hook))
+                pre_q[l] = _gather_rows(out.flatten(2), rows)
+            handles.append(q_mod.register_forward_hook(q_hook))
         if "k" in what or want_rope:
             def k_hook(mod, args, out, l=l):
-                pre_k[l] = _gather_rows(out, rows)
-            handles.append(attn.k_proj.register_forward_hook(k_hook))
+                pre_k[l] = _gather_rows(out.flatten(2), rows)
+            handles.append(k_mod.register_forward_hook(k_hook))
         if want_rope:
             def attn_pre_hook(mod, args, kwargs, l=l):
                 cos, sin = kwargs["position_embeddings"]  # (B, S, hd) each

@@ -35,6 +35,8 @@ def resize_shortest_edge_size(h: int, w: int, shortest: int) -> tuple[int, int]:
 class LlavaNextVideoAdapter(VLMAdapter):
     family = "llava_next_video"
     hf_model_types = ("llava_next_video",)
+    hf_class = "LlavaNextVideoForConditionalGeneration"
+    processor_class = "LlavaNextVideoProcessor"
     default_frame_mode = "video"
     frame_modes = ("video",)
 

@@ -16,6 +16,7 @@ import torch
 
 from gasp_vlm.models.llava_next_video import LLAVA_SPECIAL_TOKENS, LlavaNextVideoAdapter
 from gasp_vlm.models.qwen import QWEN_SPECIAL_TOKENS, Qwen2VLAdapter, QwenVLAdapter
+from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
 from gasp_vlm.models.tokenizer import build_byte_tokenizer
 
 TEXT_DEFAULTS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
@@ -58,11 +59,15 @@ def _mrope(head_dim: int) -> dict:
     return {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [t, h, half - t - h]}
 
 
-def _build_tiny_qwen(config_cls, model_cls, vision: dict, seed: int, overrides: dict | None, dtype):
+def _build_tiny_qwen(config_cls, model_cls, vision: dict, seed: int, overrides: dict | None, dtype,
+                     rope: dict | None = None):
     text_over, vis_over = _split_overrides(overrides)
     tok = _qwen_tokenizer()
     text = _text_cfg(tok, text_over, {})
-    text["rope_parameters"] = _mrope(text["hidden_size"] // text["num_attention_heads"])
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text["rope_parameters"] = {**_mrope(head_dim), **(rope or {})}
+    if config_cls.__name__ == "Qwen3VLConfig":  # its text config states head_dim (default 128)
+        text.setdefault("head_dim", head_dim)
     vision = {**vision, **vis_over}
     # the tower's merger projects to the LLM width
     vision[("out_hidden_size" if "out_hidden_size" in vision else "hidden_size")] = text["hidden_size"]
@@ -89,6 +94,18 @@ def build_tiny_qwen2_vl(seed: int = 0, overrides: dict | None = None, dtype=torc
     return _build_tiny_qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, overrides, dtype)
 
 
+def build_tiny_qwen3_vl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    # DeepStack from both tower layers into LLM layers 0 and 1 (the 8B: vision layers 8/16/24 -> LLM 0..2);
+    # 64 learned position embeddings = an 8 x 8 grid of 16 px patches, interpolated to any frame size
+    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=None,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    return _build_tiny_qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, seed, overrides, dtype,
+                            rope={"rope_theta": 5e6, "mrope_interleaved": True})
+
+
 def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
@@ -113,5 +130,6 @@ def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dt
 PRESETS: dict[str, tuple[Callable, type, dict]] = {
     "tiny-qwen2.5-vl": (build_tiny_qwen2_5_vl, QwenVLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
     "tiny-qwen2-vl": (build_tiny_qwen2_vl, Qwen2VLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
+    "tiny-qwen3-vl": (build_tiny_qwen3_vl, Qwen3VLAdapter, {"min_pixels": 64 * 64, "max_pixels": 224 * 224}),
     "tiny-llava-next-video": (build_tiny_llava_next_video, LlavaNextVideoAdapter, {}),
 }

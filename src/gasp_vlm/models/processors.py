@@ -22,11 +22,14 @@ from typing import Any
 # Qwen chat format: system turn (default system prompt unless the conversation starts with one), each
 # message as <|im_start|>role\n ... <|im_end|>\n, images/videos as vision blocks holding one pad token
 # that the processor expands to the frame's token count.
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+QWEN_DEFAULT_SYSTEM = (
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif -%}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + QWEN_DEFAULT_SYSTEM +
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
@@ -65,8 +68,9 @@ LLAVA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
 
-PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
-                   "llava_next_video": "LlavaNextVideoProcessor"}
+# Qwen3-VL: no default system turn; its processor replaces a video's one vision block by one
+# "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal slot
+QWEN3_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, "")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -82,9 +86,9 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
     return the file names written. Pixel settings are the adapter's (the budget it was trained with)."""
     out = Path(out_dir)
     family = adapter.family
-    proc_cls = PROCESSOR_CLASS.get(family)
-    if proc_cls is None:
-        raise ValueError(f"no processor export for family {family!r} (supported: {', '.join(PROCESSOR_CLASS)})")
+    proc_cls = adapter.processor_class
+    if not proc_cls:
+        raise ValueError(f"no processor export for family {family!r}: its adapter names no processor_class")
     if family.startswith("qwen"):
         from transformers import Qwen2VLImageProcessorPil
 
@@ -98,6 +102,9 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
                  "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "do_convert_rgb": True, "do_sample_frames": False}  # callers pick the frames, as in training
         template = QWEN_CHAT_TEMPLATE
+        if family == "qwen3_vl":  # its video processor reads the clip's fps for the timestamps
+            video.update(video_processor_type="Qwen3VLVideoProcessor", fps=adapter.video_fps)
+            template = QWEN3_VL_CHAT_TEMPLATE
     else:
         from transformers import LlavaNextImageProcessorPil
 

@@ -87,6 +87,9 @@ class QwenVLAdapter(VLMAdapter):
     default_frame_mode = "video_dup"
     frame_modes = ("video_dup", "pair", "images")
     timed_video = True  # video inputs carry second_per_grid_ts (1.0: distinct temporal ids)
+    hf_class = "Qwen2_5_VLForConditionalGeneration"
+    processor_class = "Qwen2_5_VLProcessor"
+    system_prompt: str | None = SYSTEM_PROMPT  # the chat template's default system turn (None: no turn)
     patch = 14
     merge = 2
     temporal = 2
@@ -116,19 +119,28 @@ class QwenVLAdapter(VLMAdapter):
     def _text(self, s: str) -> list[int]:
         return self.tokenizer.encode(s, add_special_tokens=False)
 
-    def _chat_ids(self, vision_blocks: list[tuple[str, int]], prompt: str | None, answer: str | None,
+    def _video_blocks(self, slot_frames: Sequence[Sequence[int]], per_slot: int,
+                      times: Sequence[float] | None = None) -> list[tuple[str, int, str]]:
+        """The vision blocks of one video: Qwen2/2.5 put every slot in one block (time is in M-RoPE)."""
+        return [("video_pad", len(slot_frames) * per_slot, "")]
+
+    def _chat_ids(self, vision_blocks: list[tuple[str, int, str]], prompt: str | None, answer: str | None,
                   turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
-        """Qwen chat format with vision blocks in the first user turn; returns (ids, labels). Labels cover
-        each assistant turn's text and its <|im_end|> (not the role header, not the newline after it)."""
+        """Qwen chat format with vision blocks (kind, n tokens, text before the block) in the first user
+        turn; returns (ids, labels). Labels cover each assistant turn's text and its <|im_end|> (not the
+        role header, not the newline after it)."""
         turns = as_turns(prompt, answer, turns)
-        ids = [self.ids["im_start"]] + self._text(f"system\n{SYSTEM_PROMPT}") + [self.ids["im_end"]] + self._text("\n")
+        ids: list[int] = []
+        if self.system_prompt is not None:
+            ids = [self.ids["im_start"]] + self._text(f"system\n{self.system_prompt}") + [self.ids["im_end"]] + self._text("\n")
         labels = [-100] * len(ids)
         for k, (role, text) in enumerate(turns):
             if role == "user":
                 head = [self.ids["im_start"]] + self._text("user\n")
                 if k == 0:
-                    for kind, n in vision_blocks:
-                        head += [self.ids["vision_start"]] + [self.ids[kind]] * n + [self.ids["vision_end"]]
+                    for kind, n, prefix in vision_blocks:
+                        head += (self._text(prefix) if prefix else []) + [self.ids["vision_start"]]
+                        head += [self.ids[kind]] * n + [self.ids["vision_end"]]
                 head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
                 head += [self.ids["im_start"]] + self._text("assistant\n")
                 ids += head
@@ -147,6 +159,16 @@ class QwenVLAdapter(VLMAdapter):
     def _size(self, h: int, w: int, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
         return smart_resize(h, w, self.patch * self.merge, min_pixels or self.min_pixels, max_pixels or self.max_pixels)
 
+    def _to_slots(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, tuple[tuple[int, ...], ...]]:
+        """(T, 3, h, w) frames -> the tower's input frames and the frames each temporal slot shows.
+        video_dup / images: every frame twice (one frame per slot); pair: consecutive frames share a slot,
+        an odd count repeats the last frame."""
+        n = len(x)
+        if mode != "pair":
+            return x.repeat_interleave(self.temporal, dim=0), tuple((f,) for f in range(n))
+        idx = list(range(n)) + [n - 1] * (-n % self.temporal)
+        return x[idx], tuple(tuple(idx[g:g + self.temporal]) for g in range(0, len(idx), self.temporal))
+
     def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str,
                        turns: Sequence[tuple[str, str]] | None = None) -> dict:
         n = len(frames)
@@ -157,24 +179,14 @@ class QwenVLAdapter(VLMAdapter):
         orig_hw = frames[0].shape[:2]
         size = self._size(*orig_hw)
         x = normalize_frames(frames, size, self.image_mean, self.image_std)  # (T, 3, h, w)
-        if mode == "video_dup":
-            x = x.repeat_interleave(self.temporal, dim=0)
-            slot_frames = tuple((f,) for f in range(n))
-        elif mode == "pair":
-            if n % self.temporal:
-                x = torch.cat([x, x[-1:].expand(self.temporal - n % self.temporal, -1, -1, -1)])
-            idx = list(range(n)) + [n - 1] * (-n % self.temporal)
-            slot_frames = tuple(tuple(idx[g:g + self.temporal]) for g in range(0, len(idx), self.temporal))
-        else:  # images: each frame duplicated into both temporal slots of its own image
-            x = x.repeat_interleave(self.temporal, dim=0)
-            slot_frames = tuple((f,) for f in range(n))
+        x, slot_frames = self._to_slots(x, mode)
         pix, (gt, gh, gw) = patchify(x, self.patch, self.merge, self.temporal)
         per_slot = gh * gw // (self.merge ** 2)
         if mode == "images":
-            blocks = [("image_pad", per_slot)] * n
+            blocks = [("image_pad", per_slot, "")] * n
             grids = torch.tensor([[1, gh, gw]] * n)
         else:
-            blocks = [("video_pad", gt * per_slot)]
+            blocks = self._video_blocks(slot_frames, per_slot)
             grids = torch.tensor([[gt, gh, gw]])
         ids, labels = self._chat_ids(blocks, prompt, answer, turns)
         ids_t = torch.tensor(ids)
@@ -236,18 +248,16 @@ class QwenVLAdapter(VLMAdapter):
                 p, (gt, gh, gw) = patchify(x.repeat_interleave(self.temporal, 0), self.patch, self.merge, self.temporal)
                 pix.append(p)
                 grids.append([1, gh, gw])
-                blocks.append(("image_pad", gh * gw // self.merge ** 2))
+                blocks.append(("image_pad", gh * gw // self.merge ** 2, ""))
             inputs.update(pixel_values=torch.cat(pix), image_grid_thw=torch.tensor(grids))
             type_of["image_pad"] = 1
         if video:
             frames = [np.asarray(f.convert("RGB")) for f in video]
             x = normalize_frames(frames, self._size(*frames[0].shape[:2], min_p, max_p), self.image_mean, self.image_std)
-            if self.frame_mode == "video_dup":  # the tokenisation GASP trained with: one frame per token
-                x = x.repeat_interleave(self.temporal, dim=0)
-            elif len(frames) % self.temporal:
-                x = torch.cat([x, x[-1:]])
+            # the tokenisation GASP trained with: video_dup = one frame per token, pair = Qwen's processor
+            x, slots = self._to_slots(x, "video_dup" if self.frame_mode == "video_dup" else "pair")
             p, (gt, gh, gw) = patchify(x, self.patch, self.merge, self.temporal)
-            blocks.append(("video_pad", gt * gh * gw // self.merge ** 2))
+            blocks += self._video_blocks(slots, gh * gw // self.merge ** 2, request.get("video_times"))
             inputs.update(pixel_values_videos=p, video_grid_thw=torch.tensor([[gt, gh, gw]]))
             if self.timed_video:
                 inputs["second_per_grid_ts"] = torch.ones(1)
@@ -276,4 +286,6 @@ class QwenVLAdapter(VLMAdapter):
 class Qwen2VLAdapter(QwenVLAdapter):
     family = "qwen2_vl"
     hf_model_types = ("qwen2_vl",)
+    hf_class = "Qwen2VLForConditionalGeneration"
+    processor_class = "Qwen2VLProcessor"
     timed_video = False  # Qwen2-VL has no second_per_grid_ts (generate refuses unknown model kwargs)
