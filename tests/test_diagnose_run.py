@@ -237,8 +237,12 @@ def test_cli_run_and_compare(tmp_path):
     rep = json.loads((tmp_path / "q3" / "report.json").read_text())
     assert [e["layer"] for e in rep["layers"]] == [0, 7]
     assert json.loads((tmp_path / "q3" / "run.json").read_text())["config"]["family"] == "qwen3_vl"
-    reports = [str(tmp_path / d / "report.json") for d in ("a", "b", "q3")]
-    r = _cli(["diagnose", "--compare", *reports, "--out", str(tmp_path / "c"), "--labels", "qwen2.5,qwen2,qwen3"])
+    r = _cli(["diagnose", "-m", "tiny-internvl", "-o", str(tmp_path / "ivl"), *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ivl" / "run.json").read_text())["config"]["frame_mode"] == "video"
+    reports = [str(tmp_path / d / "report.json") for d in ("a", "b", "q3", "ivl")]
+    r = _cli(["diagnose", "--compare", *reports, "--out", str(tmp_path / "c"), "--labels",
+              "qwen2.5,qwen2,qwen3,internvl"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "c" / "compare_pck_per_layer.png").is_file()
     assert "| qwen2.5 |" in (tmp_path / "c" / "compare.md").read_text()

@@ -23,7 +23,7 @@ def make_local(adapter) -> None:
     vis = adapter.vision_module()
     with torch.no_grad():
         for name, p in vis.named_parameters():
-            if any(k in name for k in ("attn.proj", "mlp.down_proj", "mlp.fc2", "mlp.linear_fc2", "self_attn.out_proj",
+            if any(k in name for k in ("attn.proj", "mlp.down_proj", "mlp.fc2", "mlp.linear_fc2", "self_attn.out_proj", "projection_layer",
                                         "position_embedding", "pos_embed", "class_embedding")):
                 p.zero_()
 
@@ -66,20 +66,28 @@ CASES = [
     ("tiny-qwen3-vl", "video_dup", 3),  # 32 px tokens, one timestamped block per slot
     ("tiny-qwen3-vl", "images", 3),
     ("tiny-qwen3-vl", "pair", 3),
+    ("tiny-internvl", "video", 3),  # 84 px tiles: 3 x 3 tokens; frames 84 x 168 resized to one square tile
+    ("tiny-internvl", "tiles", 2),  # frames 84 x 168: a 2 x 1 tile grid + thumbnail, a 3 x 6 token grid
     ("tiny-llava-next-video", "video", 3),
 ]
 
 
 @pytest.mark.parametrize("preset,mode,n_frames", CASES)
 def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
-    is_llava = preset.startswith("tiny-llava")
+    is_llava, is_internvl = preset.startswith("tiny-llava"), preset.startswith("tiny-internvl")
     over = dict(SMALL)
     if is_llava:  # 84 x 84 crop -> 3 x 3 patches of 28 px; frames 84 x 140 exercise the centre crop
         over["vision.image_size"] = 84
+    if is_internvl:  # 84 px tiles of 6 x 6 patches -> 3 x 3 tokens after the 2 x 2 pixel shuffle
+        over.update({"vision.image_size": [84, 84]})
     ad = load_adapter(preset, overrides=over)
     make_local(ad)
     if is_llava:
         px, h, w, x_off, rows, cols = 28, 84, 140, 28, 3, 3  # crop offset (140 - 84) / 2 = 28 px, computed by hand
+    elif is_internvl and mode == "video":
+        px, h, w, x_off, rows, cols = 28, 84, 84, 0, 3, 3
+    elif is_internvl:
+        px, h, w, x_off, rows, cols = 28, 84, 168, 0, 3, 6  # tiles (0, 0) and (0, 1), 3 x 3 tokens each
     else:
         px = ad.patch * ad.merge  # 28 (Qwen2/2.5) or 32 (Qwen3) input pixels per token
         h, w, x_off, rows, cols = 2 * px, 3 * px, 0, 2, 3
@@ -114,7 +122,7 @@ def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
     refs = torch.stack(refs)  # (K, D)
 
     srw = lay.token_slot_row_col()
-    dist = torch.cdist(emb, refs)  # (N, K)
+    dist = torch.cdist(emb, refs, compute_mode="donot_use_mm_for_euclid_dist")  # (N, K), exact (no mm trick)
     got = dist.argmin(1)
     want = torch.tensor([code(s, r, c) for s, r, c in srw.tolist()])
     assert torch.equal(got, want), f"layout mismatch at tokens {torch.nonzero(got != want).flatten().tolist()[:10]}"

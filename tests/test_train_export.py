@@ -11,11 +11,12 @@ from gasp_vlm.train.recipe import GaspRecipe
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("preset, lora", [("tiny-qwen2.5-vl", True), ("tiny-qwen3-vl", True), ("tiny-llava-next-video", False)])
+@pytest.mark.parametrize("preset, lora", [("tiny-qwen2.5-vl", True), ("tiny-qwen3-vl", True), ("tiny-internvl", True),
+                                         ("tiny-llava-next-video", False)])
 def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, preset, lora):
     from click.testing import CliRunner
-    from transformers import (LlavaNextVideoForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                              Qwen3VLForConditionalGeneration)
+    from transformers import (InternVLForConditionalGeneration, LlavaNextVideoForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
     from gasp_vlm.cli import main
     from gasp_vlm.models import load_adapter
@@ -33,6 +34,7 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, pres
     assert res.exit_code == 0, res.output
 
     cls = {"tiny-qwen2.5-vl": Qwen2_5_VLForConditionalGeneration, "tiny-qwen3-vl": Qwen3VLForConditionalGeneration,
+           "tiny-internvl": InternVLForConditionalGeneration,
            "tiny-llava-next-video": LlavaNextVideoForConditionalGeneration}[preset]
     plain = cls.from_pretrained(tmp_path / "hf").eval()  # no gasp-vlm code involved in loading
     base = load_adapter(preset, overrides={"num_hidden_layers": 2}).model

@@ -1,4 +1,4 @@
-"""VLM adapters: one interface over Qwen3-VL, Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
+"""VLM adapters: one interface over Qwen3-VL, Qwen2.5-VL, Qwen2-VL, InternVL3 and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch
 from gasp_vlm.models.base import ModelLoadError, PreparedBatch, VLMAdapter
 from gasp_vlm.models.capture import CaptureResult
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
+from gasp_vlm.models.internvl import InternVLAdapter
 from gasp_vlm.models.llava_next_video import LlavaNextVideoAdapter
 from gasp_vlm.models.presets import PRESETS
 from gasp_vlm.models.qwen import Qwen2VLAdapter, QwenVLAdapter
 from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {
-    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, LlavaNextVideoAdapter)
+    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, InternVLAdapter, LlavaNextVideoAdapter)
 }
 
 __all__ = ["ADAPTERS", "PRESETS", "CaptureResult", "FrameTransform", "ModelLoadError", "PreparedBatch",
@@ -78,21 +79,13 @@ def _check_processor(path: Path, cls: type[VLMAdapter]) -> None:
 
 
 def _preprocessor_settings(path: Path, cls: type[VLMAdapter]) -> dict:
-    """Pixel settings a checkpoint's processor config fixes (min/max pixels, mean/std)."""
+    """Pixel settings a checkpoint's processor config fixes (mean/std, and what the family reads:
+    Qwen's min/max pixels, InternVL's tile counts)."""
     out: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         f = path / name
-        if not f.is_file():
-            continue
-        cfg = json.loads(f.read_text())
-        if "image_mean" in cfg:
-            out["image_mean"], out["image_std"] = cfg["image_mean"], cfg["image_std"]
-        if issubclass(cls, QwenVLAdapter):  # a per-frame pixel budget
-            size = cfg.get("size") or {}
-            min_p = cfg.get("min_pixels", size.get("shortest_edge"))
-            max_p = cfg.get("max_pixels", size.get("longest_edge"))
-            if min_p and max_p and name == "preprocessor_config.json":
-                out["min_pixels"], out["max_pixels"] = int(min_p), int(max_p)
+        if f.is_file():
+            out.update(cls.processor_settings(name, json.loads(f.read_text())))
     return out
 
 
@@ -146,9 +139,8 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
     except Exception:  # noqa: BLE001 - optional
         processor = None
     kw = _preprocessor_settings(path, cls) if path.exists() else {}
-    for key in ("min_pixels", "max_pixels", "video_fps"):
-        if key in saved and key in cls.__init__.__code__.co_varnames:
-            kw[key] = saved[key]
+    kw.update({k: v for k, v in saved.items() if k in cls.__init__.__code__.co_varnames  # the adapter's extra_state
+               and k not in ("frame_mode", "preset", "image_mean", "image_std")})
     kw.update(adapter_kwargs)
     return cls(model.to(device).eval(), tok, processor=processor, preset=saved.get("preset"),
                frame_mode=frame_mode or saved.get("frame_mode"), **kw)

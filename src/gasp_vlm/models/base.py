@@ -326,4 +326,13 @@ class VLMAdapter:
             indent=2))
 
     def extra_state(self) -> dict:
+        """Adapter settings saved beside a model (gasp_adapter.json) and passed back to ``__init__`` on load."""
+        return {}
+
+    @classmethod
+    def processor_settings(cls, name: str, cfg: dict) -> dict:
+        """``__init__`` kwargs a checkpoint's processor config file (``name``: preprocessor_config.json or
+        video_preprocessor_config.json, parsed) fixes; families add theirs."""
+        if "image_mean" in cfg:
+            return {"image_mean": cfg["image_mean"], "image_std": cfg["image_std"]}
         return {}

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from gasp_vlm.models.internvl import INTERNVL_SPECIAL_TOKENS, InternVLAdapter
 from gasp_vlm.models.llava_next_video import LLAVA_SPECIAL_TOKENS, LlavaNextVideoAdapter
 from gasp_vlm.models.qwen import QWEN_SPECIAL_TOKENS, Qwen2VLAdapter, QwenVLAdapter
 from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
@@ -126,10 +127,29 @@ def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dt
     return model, tok
 
 
+def build_tiny_internvl(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    text_over, vis_over = _split_overrides(overrides)
+    tok = build_byte_tokenizer(INTERNVL_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    text = _text_cfg(tok, text_over, {"rope_type": "default", "rope_theta": 1e6})
+    text.update(model_type="qwen2")  # InternVL3's LLM is a Qwen2.5
+    # 224 px tiles of 14 px patches, 2 x 2 pixel shuffle: 8 x 8 tokens of 28 px per tile (the 8B: 448 -> 16 x 16)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[224, 224], patch_size=[14, 14])
+    vision.update(vis_over)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(cfg).to(dtype).eval(), tok
+
+
 # name -> (builder, adapter class, adapter kwargs)
 PRESETS: dict[str, tuple[Callable, type, dict]] = {
     "tiny-qwen2.5-vl": (build_tiny_qwen2_5_vl, QwenVLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
     "tiny-qwen2-vl": (build_tiny_qwen2_vl, Qwen2VLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
     "tiny-qwen3-vl": (build_tiny_qwen3_vl, Qwen3VLAdapter, {"min_pixels": 64 * 64, "max_pixels": 224 * 224}),
+    "tiny-internvl": (build_tiny_internvl, InternVLAdapter, {"max_tiles": 4}),
     "tiny-llava-next-video": (build_tiny_llava_next_video, LlavaNextVideoAdapter, {}),
 }

@@ -68,6 +68,25 @@ LLAVA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
 
+# InternVL2.5 / 3 (ChatML, its own system message): an image part is <IMG_CONTEXT>, which InternVLProcessor
+# expands to <img><IMG_CONTEXT> x N</img>; a video part is <video>, expanded to "Frame{i}: <img>...</img>" lines
+INTERNVL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n' + internvl_system + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 # Qwen3-VL: no default system turn; its processor replaces a video's one vision block by one
 # "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal slot
 QWEN3_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, "")
@@ -105,6 +124,24 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         if family == "qwen3_vl":  # its video processor reads the clip's fps for the timestamps
             video.update(video_processor_type="Qwen3VLVideoProcessor", fps=adapter.video_fps)
             template = QWEN3_VL_CHAT_TEMPLATE
+    elif family == "internvl":
+        from transformers import GotOcr2ImageProcessorPil
+
+        tile = {"height": adapter.tile, "width": adapter.tile}
+        pixels = dict(size=tile, image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
+        GotOcr2ImageProcessorPil(**pixels, crop_to_patches=True, min_patches=adapter.min_tiles,
+                                 max_patches=adapter.max_tiles).save_pretrained(out)
+        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
+        video = {**pixels, "video_processor_type": "InternVLVideoProcessor", "processor_class": proc_cls,
+                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
+        _write_json(out / "processor_config.json", {"processor_class": proc_cls,
+                                                    "image_seq_length": adapter.grid * adapter.grid})
+        template = INTERNVL_CHAT_TEMPLATE.replace("' + internvl_system + '", adapter.system_prompt)
+        cfg_path = out / "tokenizer_config.json"
+        if cfg_path.is_file():  # the names InternVLProcessor reads its tokens by
+            _patch_json(cfg_path, extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     else:
         from transformers import LlavaNextImageProcessorPil
 
@@ -133,6 +170,6 @@ def _write_generation_config(adapter, out: Path) -> None:
     from transformers import GenerationConfig
 
     tok = adapter.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>") if adapter.family.startswith("qwen") else tok.eos_token_id
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                      bos_token_id=tok.bos_token_id).save_pretrained(out)

@@ -115,6 +115,15 @@ class QwenVLAdapter(VLMAdapter):
     def extra_state(self) -> dict:
         return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
 
+    @classmethod
+    def processor_settings(cls, name: str, cfg: dict) -> dict:
+        out = super().processor_settings(name, cfg)
+        size = cfg.get("size") or {}
+        min_p, max_p = cfg.get("min_pixels", size.get("shortest_edge")), cfg.get("max_pixels", size.get("longest_edge"))
+        if min_p and max_p and name == "preprocessor_config.json":  # the per-frame (image) budget
+            out.update(min_pixels=int(min_p), max_pixels=int(max_p))
+        return out
+
     # ---- text ----------------------------------------------------------------------------------
     def _text(self, s: str) -> list[int]:
         return self.tokenizer.encode(s, add_special_tokens=False)
