@@ -42,7 +42,8 @@ def _eval(root, bench, out, model="tiny-qwen2.5-vl", limit=2):
                                          ("blink", "tiny-qwen2.5-vl"), ("mmsi", "tiny-qwen2.5-vl"),
                                          ("vsibench", "tiny-llava-next-video"), ("vsibench", "tiny-qwen3-vl"),
                                          ("blink", "tiny-qwen3-vl"), ("vsibench", "tiny-internvl"),
-                                         ("blink", "tiny-internvl")])
+                                         ("blink", "tiny-internvl"), ("vsibench", "tiny-llava-onevision"),
+                                         ("blink", "tiny-llava-onevision"), ("mmsi", "tiny-llava-onevision")])
 def test_gasp_eval_preset_end_to_end(tmp_path, bench, model):
     root = MAKERS[bench](tmp_path / bench)
     out = tmp_path / "out"

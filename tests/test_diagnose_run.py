@@ -240,9 +240,11 @@ def test_cli_run_and_compare(tmp_path):
     r = _cli(["diagnose", "-m", "tiny-internvl", "-o", str(tmp_path / "ivl"), *common])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ivl" / "run.json").read_text())["config"]["frame_mode"] == "video"
-    reports = [str(tmp_path / d / "report.json") for d in ("a", "b", "q3", "ivl")]
+    r = _cli(["diagnose", "-m", "tiny-llava-onevision", "-o", str(tmp_path / "ov"), *common])
+    assert r.exit_code == 0, r.output
+    reports = [str(tmp_path / d / "report.json") for d in ("a", "b", "q3", "ivl", "ov")]
     r = _cli(["diagnose", "--compare", *reports, "--out", str(tmp_path / "c"), "--labels",
-              "qwen2.5,qwen2,qwen3,internvl"])
+              "qwen2.5,qwen2,qwen3,internvl,onevision"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "c" / "compare_pck_per_layer.png").is_file()
     assert "| qwen2.5 |" in (tmp_path / "c" / "compare.md").read_text()

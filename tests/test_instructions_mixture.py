@@ -19,7 +19,7 @@ from gasp_vlm.train.stream import StepBatches, prepare_conversations, robust_ins
 
 torch.set_num_threads(1)
 SMALL = {"num_hidden_layers": 2}
-END = {"tiny-qwen2.5-vl": "<|im_end|>", "tiny-qwen3-vl": "<|im_end|>", "tiny-internvl": "<|im_end|>", "tiny-llava-next-video": "</s>"}
+END = {"tiny-qwen2.5-vl": "<|im_end|>", "tiny-qwen3-vl": "<|im_end|>", "tiny-internvl": "<|im_end|>", "tiny-llava-onevision": "<|im_end|>", "tiny-llava-next-video": "</s>"}
 
 
 def test_mixture_resolves_the_real_layout(llava_tree):
@@ -97,7 +97,7 @@ def _labelled_runs(ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_labels_cover_exactly_the_assistant_turns(llava_tree, preset):
     ad = load_adapter(preset, overrides=SMALL)
     ds = InstructionSet(llava_tree["mix"])
@@ -120,12 +120,14 @@ def test_labels_cover_exactly_the_assistant_turns(llava_tree, preset):
         assert all(t in unlabelled for r, t in item["turns"] if r == "user")  # user turns: present, no labels
     # the single prompt/answer form is the one-pair conversation
     media = {"tiny-llava-next-video": 4, "tiny-internvl": [("Frame1: ", 4)]}.get(preset, [("video_pad", 4, "")])
+    if preset == "tiny-llava-onevision":
+        media = [ad.ids["video"]] * 4
     assert ad._chat_ids(media, "q?", "a.") == \
         ad._chat_ids(media, None, None,
                      turns=[("user", "q?"), ("assistant", "a.")])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_mixed_batches_give_each_sample_its_own_loss(llava_tree, preset):
     """A video, an image and a text-only sample in one batch: the per-token answer losses equal those of
     each sample alone (the frames' tokens land in the right sample)."""

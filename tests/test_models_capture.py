@@ -18,7 +18,7 @@ def frames(n=4, h=56, w=84, seed=0):
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_loss_on_layer_k_reaches_layers_up_to_k_only(preset, checkpointing):
     ad = load_adapter(preset, overrides=SMALL)
@@ -42,7 +42,7 @@ def test_loss_on_layer_k_reaches_layers_up_to_k_only(preset, checkpointing):
     assert all(p.grad is None for p in ad.vision_module().parameters())
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_post_rope_qk_reproduce_eager_attention(preset):
     """softmax(q_rope k_rope^T / sqrt(d) + causal) from captured q/k == the model's attention probs."""
     ad = load_adapter(preset, overrides=SMALL, attn_implementation="eager")
@@ -83,7 +83,7 @@ def test_capture_rows_are_the_visual_tokens():
     assert not torch.allclose(cap.hidden[2][0], cap.hidden[2][1])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_save_load_round_trip(preset, tmp_path):
     ad = load_adapter(preset, overrides=SMALL, seed=3)
     ad.save_pretrained(tmp_path / "m")
@@ -138,7 +138,7 @@ def test_generate_returns_text_for_images_and_video():
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_lm_head_runs_only_at_answer_positions_with_the_same_loss_and_gradients(preset):
     """forward_capture's answer-only LM loss equals HF's full-logits loss, value and gradients, while
     its logits hold one row per answer token (none for samples without answers)."""
@@ -165,7 +165,7 @@ def test_lm_head_runs_only_at_answer_positions_with_the_same_loss_and_gradients(
     assert cap.loss is None and cap.logits.shape == (1, 1, ref.logits.shape[-1])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_batched_generation_equals_one_by_one(preset):
     """generate_frames left-pads: a batch of prompts of different lengths gives each prompt the greedy
     answer it gets alone."""
@@ -179,7 +179,7 @@ def test_batched_generation_equals_one_by_one(preset):
         ad.generate_frames(clips[:2], prompts, max_new_tokens=1)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_choice_scores_are_answer_log_likelihoods(preset):
     """score_choices == the summed log-softmax of HF's full logits at the answer tokens (end of turn
     included), computed one pair at a time; batching pairs of different lengths changes nothing."""
@@ -222,7 +222,7 @@ def test_benchmark_generation_uses_the_frame_mode_training_used(mode, per_token)
     torch.testing.assert_close(gen["pixel_values_videos"], train.inputs["pixel_values_videos"])
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_benchmark_requests_batched_give_the_one_by_one_answers(preset):
     """Every family batches benchmark requests (left padding; pixels in request order): mixed requests
     -- images of different sizes, a video, text only -- answer as they do alone."""

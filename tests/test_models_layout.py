@@ -69,12 +69,13 @@ CASES = [
     ("tiny-internvl", "video", 3),  # 84 px tiles: 3 x 3 tokens; frames 84 x 168 resized to one square tile
     ("tiny-internvl", "tiles", 2),  # frames 84 x 168: a 2 x 1 tile grid + thumbnail, a 3 x 6 token grid
     ("tiny-llava-next-video", "video", 3),
+    ("tiny-llava-onevision", "video", 3),  # 112 px frames: 8 x 8 patches pooled to 4 x 4 tokens of 28 px
 ]
 
 
 @pytest.mark.parametrize("preset,mode,n_frames", CASES)
 def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
-    is_llava, is_internvl = preset.startswith("tiny-llava"), preset.startswith("tiny-internvl")
+    is_llava, is_internvl = preset == "tiny-llava-next-video", preset.startswith("tiny-internvl")
     over = dict(SMALL)
     if is_llava:  # 84 x 84 crop -> 3 x 3 patches of 28 px; frames 84 x 140 exercise the centre crop
         over["vision.image_size"] = 84
@@ -84,6 +85,8 @@ def test_layout_points_at_the_right_frame_row_col(preset, mode, n_frames):
     make_local(ad)
     if is_llava:
         px, h, w, x_off, rows, cols = 28, 84, 140, 28, 3, 3  # crop offset (140 - 84) / 2 = 28 px, computed by hand
+    elif preset == "tiny-llava-onevision":
+        px, h, w, x_off, rows, cols = 28, 112, 112, 0, 4, 4
     elif is_internvl and mode == "video":
         px, h, w, x_off, rows, cols = 28, 84, 84, 0, 3, 3
     elif is_internvl:

@@ -23,6 +23,7 @@ def test_shipped_configs_load_with_paper_settings():
                               ("qwen2_vl_7b.yaml", "Qwen/Qwen2-VL-7B-Instruct"),
                               ("qwen3_vl_8b.yaml", "Qwen/Qwen3-VL-8B-Instruct"),
                               ("internvl3_8b.yaml", "OpenGVLab/InternVL3-8B-hf"),
+                              ("llava_onevision_7b.yaml", "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
                               ("llava_next_video_7b.yaml", "llava-hf/LLaVA-NeXT-Video-7B-hf")):
         cfg = load_config(CONFIGS / name, ["data.geometry=[/data/scenes]", "data.instructions=/data/llava.json"])
         assert cfg.model.name == layers_note

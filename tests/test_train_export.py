@@ -12,11 +12,12 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("preset, lora", [("tiny-qwen2.5-vl", True), ("tiny-qwen3-vl", True), ("tiny-internvl", True),
-                                         ("tiny-llava-next-video", False)])
+                                         ("tiny-llava-onevision", True), ("tiny-llava-next-video", False)])
 def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, preset, lora):
     from click.testing import CliRunner
     from transformers import (InternVLForConditionalGeneration, LlavaNextVideoForConditionalGeneration,
-                              Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+                              LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
 
     from gasp_vlm.cli import main
     from gasp_vlm.models import load_adapter
@@ -35,6 +36,7 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tmp_path, pres
 
     cls = {"tiny-qwen2.5-vl": Qwen2_5_VLForConditionalGeneration, "tiny-qwen3-vl": Qwen3VLForConditionalGeneration,
            "tiny-internvl": InternVLForConditionalGeneration,
+           "tiny-llava-onevision": LlavaOnevisionForConditionalGeneration,
            "tiny-llava-next-video": LlavaNextVideoForConditionalGeneration}[preset]
     plain = cls.from_pretrained(tmp_path / "hf").eval()  # no gasp-vlm code involved in loading
     base = load_adapter(preset, overrides={"num_hidden_layers": 2}).model

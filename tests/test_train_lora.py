@@ -6,7 +6,7 @@ from gasp_vlm.models import load_adapter
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora, lora_module_names
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-next-video"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"])
 def test_lora_touches_only_llm_decoder_linears(preset):
     ad = load_adapter(preset, overrides={"num_hidden_layers": 2})
     vision_linears = [n for n, _ in ad.model.named_modules()

@@ -1,4 +1,5 @@
-"""VLM adapters: one interface over Qwen3-VL, Qwen2.5-VL, Qwen2-VL, InternVL3 and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
+"""VLM adapters: one interface over Qwen3-VL, Qwen2.5-VL, Qwen2-VL, InternVL3, LLaVA-OneVision
+and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from gasp_vlm.models.capture import CaptureResult
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.internvl import InternVLAdapter
 from gasp_vlm.models.llava_next_video import LlavaNextVideoAdapter
+from gasp_vlm.models.llava_onevision import LlavaOnevisionAdapter
 from gasp_vlm.models.presets import PRESETS
 from gasp_vlm.models.qwen import Qwen2VLAdapter, QwenVLAdapter
 from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {
-    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, InternVLAdapter, LlavaNextVideoAdapter)
+    cls.family: cls for cls in (QwenVLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, InternVLAdapter, LlavaOnevisionAdapter,
+                LlavaNextVideoAdapter)
 }
 
 __all__ = ["ADAPTERS", "PRESETS", "CaptureResult", "FrameTransform", "ModelLoadError", "PreparedBatch",

@@ -16,6 +16,7 @@ import torch
 
 from gasp_vlm.models.internvl import INTERNVL_SPECIAL_TOKENS, InternVLAdapter
 from gasp_vlm.models.llava_next_video import LLAVA_SPECIAL_TOKENS, LlavaNextVideoAdapter
+from gasp_vlm.models.llava_onevision import ONEVISION_SPECIAL_TOKENS, LlavaOnevisionAdapter
 from gasp_vlm.models.qwen import QWEN_SPECIAL_TOKENS, Qwen2VLAdapter, QwenVLAdapter
 from gasp_vlm.models.qwen3_vl import Qwen3VLAdapter
 from gasp_vlm.models.tokenizer import build_byte_tokenizer
@@ -145,6 +146,28 @@ def build_tiny_internvl(seed: int = 0, overrides: dict | None = None, dtype=torc
     return InternVLForConditionalGeneration(cfg).to(dtype).eval(), tok
 
 
+def build_tiny_llava_onevision(seed: int = 0, overrides: dict | None = None, dtype=torch.float32):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    text_over, vis_over = _split_overrides(overrides)
+    tok = build_byte_tokenizer(ONEVISION_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    text = _text_cfg(tok, text_over, {"rope_type": "default", "rope_theta": 1e6})
+    text.update(model_type="qwen2")
+    # 112 px SigLIP frames of 14 px patches: 8 x 8 patches, pooled to 4 x 4 tokens of 28 px per video frame
+    # (the 7B: 384 px, 27 x 27 -> 14 x 14 of 27 px); AnyRes tiles of 112 up to 3 x 3 (the 7B: 384, 6 x 6)
+    vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=112, patch_size=14, vision_use_head=False)
+    vision.update(vis_over)
+    s = vision["image_size"]
+    c = tok.convert_tokens_to_ids
+    cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=c("<image>"),
+                               video_token_index=c("<video>"), vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                               image_grid_pinpoints=[[s * i, s * j] for i in range(1, 4) for j in range(1, 4)])
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).to(dtype).eval(), tok
+
+
 # name -> (builder, adapter class, adapter kwargs)
 PRESETS: dict[str, tuple[Callable, type, dict]] = {
     "tiny-qwen2.5-vl": (build_tiny_qwen2_5_vl, QwenVLAdapter, {"min_pixels": 56 * 56, "max_pixels": 224 * 224}),
@@ -152,4 +175,5 @@ PRESETS: dict[str, tuple[Callable, type, dict]] = {
     "tiny-qwen3-vl": (build_tiny_qwen3_vl, Qwen3VLAdapter, {"min_pixels": 64 * 64, "max_pixels": 224 * 224}),
     "tiny-internvl": (build_tiny_internvl, InternVLAdapter, {"max_tiles": 4}),
     "tiny-llava-next-video": (build_tiny_llava_next_video, LlavaNextVideoAdapter, {}),
+    "tiny-llava-onevision": (build_tiny_llava_onevision, LlavaOnevisionAdapter, {}),
 }

@@ -87,6 +87,24 @@ INTERNVL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# LLaVA-OneVision (LLaVA's qwen_1_5 conversation): ChatML with a default system turn; media first, images
+# as "<image> <image>\n", a video as "<video>\n" (the processor expands each to its tokens), then the text
+ONEVISION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + QWEN_DEFAULT_SYSTEM +
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}"
+    "{{ ' ' if (loop.nextitem is defined and loop.nextitem['type'] == 'image') else '\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 # Qwen3-VL: no default system turn; its processor replaces a video's one vision block by one
 # "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal slot
 QWEN3_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, "")
@@ -142,6 +160,20 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         if cfg_path.is_file():  # the names InternVLProcessor reads its tokens by
             _patch_json(cfg_path, extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                                                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        pixels = dict(size={"height": adapter.size, "width": adapter.size}, image_mean=list(adapter.image_mean),
+                      image_std=list(adapter.image_std))
+        LlavaOnevisionImageProcessorPil(**pixels, image_grid_pinpoints=adapter.pinpoints).save_pretrained(out)
+        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
+        video = {**pixels, "video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": proc_cls,
+                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
+        _write_json(out / "processor_config.json", {
+            "processor_class": proc_cls, "num_image_tokens": adapter.patches ** 2, "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": f"anyres_max_{adapter.max_tiles}"})
+        template = ONEVISION_CHAT_TEMPLATE
     else:
         from transformers import LlavaNextImageProcessorPil
 

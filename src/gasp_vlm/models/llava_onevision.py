@@ -1,0 +1,261 @@
+"""LLaVA-OneVision / LLaVA-Video (Qwen2 LLM) adapter (HF ``LlavaOnevisionForConditionalGeneration``).
+
+Token layout facts (checked by tests/test_models_layout.py and tests/test_models_llava_onevision.py):
+- SigLIP on S x S frames (S = 384 at 7B) embeds P x P patches of 14 px (P = 27; no CLS token).
+- Video (the GASP path, frame mode ``video``): every frame resized to S x S (aspect not kept), its P x P
+  patch features projected and bilinearly pooled to ceil(P/2)^2 tokens (14 x 14 = 196 at 7B) in raster
+  order; the frames' tokens follow each other and **one newline token** (the learned ``image_newline``)
+  ends the video. Token (r, c) is taken to cover the ``token_px`` = 14 P / ceil(P/2) px cell (27 px at
+  7B) of the P*14 px the patches cover (the last S - 14 P px of a row are never embedded): its bilinear
+  sample point sits at that cell's centre (between two patches when P is odd, so its features blend the
+  two). The newline's position is ``layout.meta["newline_positions"]``; it shows no frame and is no target.
+- Images (benchmarks): one image -> AnyRes-max-9 (a base 384 view of P^2 tokens, then the best-fitting
+  tile grid, unpadded, bilinearly shrunk to at most 9 tiles' worth, one newline token after every
+  row); several images -> each padded to a square with the mean colour, P^2 + 1 newline tokens each.
+  Pixels and token counts are computed as the HF processor does (tested equal).
+- Chat: LLaVA's ``qwen_1_5`` conversation (the format the models were trained and are scored with in
+  lmms-eval): ChatML with "You are a helpful assistant.", media tokens then "\\n" before the user text.
+- Positions are plain 1-D RoPE (Qwen2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
+from gasp_vlm.models.layout import FrameTransform, TokenLayout
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+ONEVISION_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def anyres_token_count(orig_hw: tuple[int, int], best_hw: tuple[int, int], tile: int, patches: int,
+                       max_tiles: int = 9) -> tuple[int, int]:
+    """(unpadded tokens, newline tokens) of one AnyRes image's tile grid: the grid's patch features with
+    the padding rows/cols removed, shrunk when they exceed ``max_tiles`` tiles' worth (by more than 10 %),
+    one newline per remaining row (LLaVA-OneVision's anyres_max rule)."""
+    h, w = orig_hw
+    cur_h, cur_w = patches * (best_hw[0] // tile), patches * (best_hw[1] // tile)
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        cur_h -= (cur_h - new_h) // 2 * 2
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        cur_w -= (cur_w - new_w) // 2 * 2
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * patches ** 2))
+    if ratio > 1.1:
+        return int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+    return cur_h * cur_w, cur_h
+
+
+class LlavaOnevisionAdapter(VLMAdapter):
+    family = "llava_onevision"
+    hf_model_types = ("llava_onevision",)
+    hf_class = "LlavaOnevisionForConditionalGeneration"
+    processor_class = "LlavaOnevisionProcessor"
+    default_frame_mode = "video"
+    frame_modes = ("video",)
+    system_prompt = SYSTEM_PROMPT
+
+    def __init__(self, model, tokenizer, processor=None, preset=None, frame_mode=None,
+                 image_mean: Sequence[float] = SIGLIP_MEAN, image_std: Sequence[float] = SIGLIP_STD) -> None:
+        super().__init__(model, tokenizer, processor, preset, frame_mode)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "full":
+            raise ValueError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: the adapter "
+                             f"expects 'full' (SigLIP, no CLS token), as every LLaVA-OneVision checkpoint has")
+        self.size = int(cfg.vision_config.image_size)
+        self.patch = int(cfg.vision_config.patch_size)
+        self.patches = self.size // self.patch  # P patches per side
+        self.grid = math.ceil(self.patches / 2)  # pooled tokens per side of a video frame
+        covered = self.patches * self.patch
+        if covered % self.grid:
+            raise ValueError(f"{self.patches} patches pool to {self.grid} tokens of a non-integer pixel size")
+        self.token_px = covered // self.grid
+        self.pinpoints = [list(p) for p in cfg.image_grid_pinpoints]
+        self.max_tiles = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
+        tid = tokenizer.convert_tokens_to_ids
+        self.ids = {name: tid(tok) for name, tok in [("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"),
+                                                      ("image", "<image>"), ("video", "<video>")]}
+        if (self.ids["image"], self.ids["video"]) != (cfg.image_token_id, cfg.video_token_id):
+            raise ValueError(f"tokenizer and config disagree on the media token ids "
+                             f"({self.ids['image']}, {self.ids['video']} vs {cfg.image_token_id}, {cfg.video_token_id})")
+
+    def vision_module(self):
+        return self.model.model.vision_tower
+
+    # ---- text ----------------------------------------------------------------------------------
+    def _text(self, s: str) -> list[int]:
+        return self.tokenizer.encode(s, add_special_tokens=False)
+
+    def _chat_ids(self, media: list[int], prompt: str | None, answer: str | None,
+                  turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
+        """qwen_1_5 ChatML; ``media`` (the expanded media tokens) then "\\n" open the first user turn."""
+        turns = as_turns(prompt, answer, turns)
+        ids = [self.ids["im_start"]] + self._text(f"system\n{self.system_prompt}") + [self.ids["im_end"]] + self._text("\n")
+        labels = [-100] * len(ids)
+        for k, (role, text) in enumerate(turns):
+            if role == "user":
+                head = [self.ids["im_start"]] + self._text("user\n")
+                if k == 0 and media:
+                    head += media + self._text("\n")
+                head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
+                head += [self.ids["im_start"]] + self._text("assistant\n")
+                ids += head
+                labels += [-100] * len(head)
+            else:
+                ans = self._text(text) + [self.ids["im_end"]]
+                ids += ans
+                labels += ans
+                if k + 1 < len(turns):
+                    nl = self._text("\n")
+                    ids += nl
+                    labels += [-100] * len(nl)
+        return ids, labels
+
+    # ---- pixels --------------------------------------------------------------------------------
+    def _to_tensor(self, img: np.ndarray, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float32 (3, h, w): PIL bicubic resize to ``hw`` (if given), /255, normalise."""
+        if hw is not None and img.shape[:2] != tuple(hw):
+            img = np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), resample=Image.BICUBIC))
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+        return (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
+
+    def anyres_image(self, img: np.ndarray) -> tuple[torch.Tensor, int]:
+        """One image alone -> ((1 + tiles), 3, S, S) base view + tiles, and its number of LLM tokens."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        h, w = img.shape[:2]
+        bh, bw = select_best_resolution((h, w), self.pinpoints)
+        s_w, s_h = bw / w, bh / h
+        nh, nw = (min(math.ceil(h * s_w), bh), bw) if s_w < s_h else (bh, min(math.ceil(w * s_h), bw))
+        resized = np.asarray(Image.fromarray(img).resize((nw, nh), resample=Image.BICUBIC))
+        (py, px) = divmod(bh - nh, 2)[0], divmod(bw - nw, 2)[0]
+        canvas = np.zeros((bh, bw, 3), np.uint8)  # zero padding, as HF's processor pads
+        canvas[py:py + nh, px:px + nw] = resized
+        s = self.size
+        views = [self._to_tensor(img, (s, s))]
+        views += [self._to_tensor(canvas[r:r + s, c:c + s]) for r in range(0, bh, s) for c in range(0, bw, s)]
+        unpadded, newlines = anyres_token_count((h, w), (bh, bw), s, self.patches, self.max_tiles)
+        return torch.stack(views), self.patches ** 2 + unpadded + newlines
+
+    def square_image(self, img: np.ndarray) -> torch.Tensor:
+        """One of several images -> (1, 3, S, S): padded to a square with the mean colour, resized."""
+        h, w = img.shape[:2]
+        m = max(h, w)
+        canvas = np.empty((m, m, 3), np.uint8)
+        canvas[:] = [int(v * 255) for v in self.image_mean]
+        canvas[(m - h) // 2:(m - h) // 2 + h, (m - w) // 2:(m - w) // 2 + w] = img
+        return self._to_tensor(canvas, (self.size, self.size))[None]
+
+    # ---- frames -> inputs ---------------------------------------------------------------------
+    def _encode_sample(self, frames: list[np.ndarray], prompt: str | None, answer: str | None, mode: str,
+                       turns: Sequence[tuple[str, str]] | None = None) -> dict:
+        if not frames:
+            ids, labels = self._chat_ids([], prompt, answer, turns)
+            return {"ids": ids, "labels": labels, "pixels": None,
+                    "layout": text_only_layout(self.family, mode, self.token_px)}
+        n = len(frames)
+        pix = torch.stack([self._to_tensor(f, (self.size, self.size)) for f in frames])  # (T, 3, S, S)
+        ids, labels = self._chat_ids([self.ids["video"]] * (n * self.grid ** 2 + 1), prompt, answer, turns)
+        vid = torch.nonzero(torch.tensor(ids) == self.ids["video"]).squeeze(1)
+        h, w = frames[0].shape[:2]
+        covered = self.grid * self.token_px
+        tf = FrameTransform((h, w), (covered, covered), (self.size / w, self.size / h))  # resize, keep top-left
+        layout = TokenLayout(self.family, mode, n, (self.grid, self.grid), self.token_px, tuple((f,) for f in range(n)),
+                             vid[:-1], tf, {"newline_positions": vid[-1:]})
+        return {"ids": ids, "labels": labels, "pixels": pix, "layout": layout}
+
+    def _collate(self, encoded: list[dict]) -> PreparedBatch:
+        ids, mask = pad_sequences([e["ids"] for e in encoded], self.tokenizer.pad_token_id)
+        labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        pix = [e["pixels"] for e in encoded if e["pixels"] is not None]
+        if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
+            inputs["pixel_values_videos"] = torch.stack(pix)  # (B, T, 3, S, S): the model's own batched path
+        elif pix:
+            # clips of different lengths (or text rows): every clip ends in its own newline token, which a
+            # single concatenated clip would not give, so encode_visual_frozen embeds them one by one
+            inputs["pixel_values_videos"] = torch.cat(pix)[None]
+            inputs["video_frame_counts"] = [len(p) for p in pix]
+        has_answer = any(l != -100 for e in encoded for l in e["labels"])
+        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+
+    def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs = dict(batch.inputs)
+        if "pixel_values_videos" not in inputs:
+            return inputs
+        pix = inputs.pop("pixel_values_videos").to(self.vision_module().dtype)
+        counts = inputs.pop("video_frame_counts", None)
+        clips = torch.split(pix[0], counts) if counts is not None else [pix]
+        with torch.no_grad():
+            feats = [self.model.model.get_video_features(c if c.dim() == 5 else c[None], return_dict=True).pooler_output
+                     for c in clips]
+        # (clips, T*G^2 + 1, D) each; the model flattens them in order onto the video tokens
+        out = torch.cat([f.flatten(0, 1) for f in feats])[None]
+        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=out)}
+        return inputs
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _encode_generation(self, request: dict) -> dict:
+        """One image: AnyRes-max; several images: each a padded square; a video: the pooled frames (as
+        LLaVA-OneVision's lmms-eval model does). Images come before the video."""
+        images = [np.asarray(im.convert("RGB")) for im in request.get("images") or []]
+        video = [np.asarray(f.convert("RGB")) for f in request.get("video") or []]
+        media: list[int] = []
+        out: dict[str, Any] = {}
+        if images:
+            if len(images) == 1:
+                views, n_tok = self.anyres_image(images[0])
+                parts, counts = [views], [n_tok]
+            else:
+                parts, counts = [self.square_image(im) for im in images], [self.patches ** 2 + 1] * len(images)
+            for k, n_tok in enumerate(counts):  # "<image> <image>\n": LLaVA's multi-image prompt
+                media += ([] if k == 0 else self._text(" ")) + [self.ids["image"]] * n_tok
+            out.update(pixel_values=parts, image_sizes=torch.tensor([im.shape[:2] for im in images]),
+                       batch_num_images=[len(images)])
+        if video:
+            if media:
+                media += self._text("\n")
+            media += [self.ids["video"]] * (len(video) * self.grid ** 2 + 1)
+            out["pixel_values_videos"] = torch.stack([self._to_tensor(f, (self.size, self.size)) for f in video])[None]
+        ids, _ = self._chat_ids(media, request["prompt"], None)
+        t = torch.tensor([ids])
+        out.update(input_ids=t, attention_mask=torch.ones_like(t))
+        if images:
+            out["pixel_values"] = self._pad_views(out["pixel_values"])
+        return out
+
+    @staticmethod
+    def _pad_views(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Views of each image, zero-padded to one count -> (images, views, 3, S, S) (HF's batch layout;
+        the model reads each image's own count from its size)."""
+        m = max(len(p) for p in parts)
+        return torch.stack([torch.cat([p, p.new_zeros(m - len(p), *p.shape[1:])]) for p in parts])
+
+    def _collate_generation(self, encoded: list[dict]) -> dict | None:
+        """Right-pad the rows; images concatenate in row order, the clips of the rows that have one stack
+        when they have one length (otherwise: None, one request at a time)."""
+        clips = [e["pixel_values_videos"][0] for e in encoded if "pixel_values_videos" in e]
+        if len({c.shape for c in clips}) > 1:  # one newline per clip: clips of one length stack, others do not
+            return None
+        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        imgs = [e for e in encoded if "pixel_values" in e]
+        if imgs:
+            out["pixel_values"] = self._pad_views([v for e in imgs for v in e["pixel_values"]])
+            out["image_sizes"] = torch.cat([e["image_sizes"] for e in imgs])
+            out["batch_num_images"] = [n for e in encoded for n in e.get("batch_num_images", [0])]
+        if clips:
+            out["pixel_values_videos"] = torch.stack(clips)
+        return out
