@@ -185,6 +185,34 @@ class VLMAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # ---- text ----------------------------------------------------------------------------------
+    def _text(self, s: str) -> list[int]:
+        return self.tokenizer.encode(s, add_special_tokens=False)
+
+    def _chatml(self, system: str | None, media: list[int], prompt: str | None, answer: str | None,
+                turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
+        """ChatML (``self.ids`` has im_start / im_end): an optional system turn, ``media`` (expanded media
+        tokens) opening the first user turn; returns (ids, labels). Labels cover each assistant turn's text
+        and its <|im_end|> (not the role header, not the newline between turns)."""
+        turns = as_turns(prompt, answer, turns)
+        start, end, nl = self.ids["im_start"], self.ids["im_end"], self._text("\n")
+        ids = [] if system is None else [start] + self._text(f"system\n{system}") + [end] + nl
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (role, text) in enumerate(turns):
+            if role == "user":
+                head = [start] + self._text("user\n") + (media if k == 0 else []) + self._text(text) + [end] + nl
+                head += [start] + self._text("assistant\n")
+                ids += head
+                labels += [IGNORE_INDEX] * len(head)
+            else:
+                ans = self._text(text) + [end]
+                ids += ans
+                labels += ans
+                if k + 1 < len(turns):
+                    ids += nl
+                    labels += [IGNORE_INDEX] * len(nl)
+        return ids, labels
+
     # ---- inputs ------------------------------------------------------------------------------
     def prepare_frames(self, samples: Sequence[Sequence[Any]], prompt: str | None = None,
                        answers: Sequence[str | None] | None = None, frame_mode: str | None = None) -> PreparedBatch:

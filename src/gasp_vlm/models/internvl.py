@@ -27,10 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
+from gasp_vlm.models.qwen import normalize_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,9 +105,6 @@ class InternVLAdapter(VLMAdapter):
         return out
 
     # ---- text ----------------------------------------------------------------------------------
-    def _text(self, s: str) -> list[int]:
-        return self.tokenizer.encode(s, add_special_tokens=False)
-
     def _media_ids(self, blocks: Sequence[tuple[str, int]]) -> list[int]:
         """(text before, n context tokens) per frame -> ``{text}<img><IMG_CONTEXT> x n</img>\\n`` each."""
         out: list[int] = []
@@ -118,36 +115,13 @@ class InternVLAdapter(VLMAdapter):
 
     def _chat_ids(self, blocks: Sequence[tuple[str, int]], prompt: str | None, answer: str | None,
                   turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
-        """ChatML with InternVL's system turn, the frames before the first user text; labels cover each
-        assistant turn's text and its <|im_end|>."""
-        turns = as_turns(prompt, answer, turns)
-        ids = [self.ids["im_start"]] + self._text(f"system\n{self.system_prompt}") + [self.ids["im_end"]] + self._text("\n")
-        labels = [-100] * len(ids)
-        for k, (role, text) in enumerate(turns):
-            if role == "user":
-                head = [self.ids["im_start"]] + self._text("user\n") + (self._media_ids(blocks) if k == 0 else [])
-                head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
-                head += [self.ids["im_start"]] + self._text("assistant\n")
-                ids += head
-                labels += [-100] * len(head)
-            else:
-                ans = self._text(text) + [self.ids["im_end"]]
-                ids += ans
-                labels += ans
-                if k + 1 < len(turns):
-                    nl = self._text("\n")
-                    ids += nl
-                    labels += [-100] * len(nl)
-        return ids, labels
+        """ChatML with InternVL's system turn, the frames before the first user text."""
+        return self._chatml(self.system_prompt, self._media_ids(blocks), prompt, answer, turns)
 
     # ---- pixels --------------------------------------------------------------------------------
     def _normalize(self, img: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
         """uint8 (H, W, 3) -> float32 (3, h, w): bicubic resize (PIL, as HF's PIL processor), /255, normalise."""
-        h, w = hw
-        if img.shape[:2] != (h, w):
-            img = np.asarray(Image.fromarray(img).resize((w, h), resample=Image.BICUBIC))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-        return (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
+        return normalize_frames([img], hw, self.image_mean, self.image_std)[0]
 
     def tiles_of(self, img: np.ndarray, max_tiles: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image -> (n, 3, tile, tile) tiles, row-major, + a thumbnail when n > 1; and (cols, rows)."""

@@ -55,9 +55,6 @@ class LlavaNextVideoAdapter(VLMAdapter):
     def vision_module(self):
         return self.model.model.vision_tower
 
-    def _text(self, s: str) -> list[int]:
-        return self.tokenizer.encode(s, add_special_tokens=False)
-
     def _chat_ids(self, n_video_tokens: int, prompt: str | None, answer: str | None,
                   turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
         """Vicuna-style '{system} USER: <video>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...' with the

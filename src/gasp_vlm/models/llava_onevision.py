@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
+from gasp_vlm.models.qwen import normalize_frames
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -93,41 +94,15 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return self.model.model.vision_tower
 
     # ---- text ----------------------------------------------------------------------------------
-    def _text(self, s: str) -> list[int]:
-        return self.tokenizer.encode(s, add_special_tokens=False)
-
     def _chat_ids(self, media: list[int], prompt: str | None, answer: str | None,
                   turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
         """qwen_1_5 ChatML; ``media`` (the expanded media tokens) then "\\n" open the first user turn."""
-        turns = as_turns(prompt, answer, turns)
-        ids = [self.ids["im_start"]] + self._text(f"system\n{self.system_prompt}") + [self.ids["im_end"]] + self._text("\n")
-        labels = [-100] * len(ids)
-        for k, (role, text) in enumerate(turns):
-            if role == "user":
-                head = [self.ids["im_start"]] + self._text("user\n")
-                if k == 0 and media:
-                    head += media + self._text("\n")
-                head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
-                head += [self.ids["im_start"]] + self._text("assistant\n")
-                ids += head
-                labels += [-100] * len(head)
-            else:
-                ans = self._text(text) + [self.ids["im_end"]]
-                ids += ans
-                labels += ans
-                if k + 1 < len(turns):
-                    nl = self._text("\n")
-                    ids += nl
-                    labels += [-100] * len(nl)
-        return ids, labels
+        return self._chatml(self.system_prompt, media + self._text("\n") if media else [], prompt, answer, turns)
 
     # ---- pixels --------------------------------------------------------------------------------
     def _to_tensor(self, img: np.ndarray, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """uint8 (H, W, 3) -> float32 (3, h, w): PIL bicubic resize to ``hw`` (if given), /255, normalise."""
-        if hw is not None and img.shape[:2] != tuple(hw):
-            img = np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), resample=Image.BICUBIC))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-        return (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
+        return normalize_frames([img], hw or img.shape[:2], self.image_mean, self.image_std)[0]
 
     def anyres_image(self, img: np.ndarray) -> tuple[torch.Tensor, int]:
         """One image alone -> ((1 + tiles), 3, S, S) base view + tiles, and its number of LLM tokens."""

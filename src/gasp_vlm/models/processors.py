@@ -19,28 +19,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Qwen chat format: system turn (default system prompt unless the conversation starts with one), each
-# message as <|im_start|>role\n ... <|im_end|>\n, images/videos as vision blocks holding one pad token
-# that the processor expands to the frame's token count.
-QWEN_DEFAULT_SYSTEM = (
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-)
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    + QWEN_DEFAULT_SYSTEM +
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+def chatml_template(system: str | None, image: str, video: str) -> str:
+    """A ChatML chat template: a default system turn (unless ``system`` is None or the conversation starts
+    with one), each message as <|im_start|>role\\n ... <|im_end|>\\n, an image / video part rendered by the
+    jinja expressions ``image`` / ``video`` (the placeholder the family's processor expands)."""
+    default = "" if system is None else (
+        "{%- if loop.first and message['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+        "{%- endif -%}")
+    return ("{%- for message in messages -%}" + default +
+            "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] == 'image' -%}{{ " + image + " }}"
+            "{%- elif part['type'] == 'video' -%}{{ " + video + " }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+            "{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{ '<|im_end|>\\n' }}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
+# Qwen2/2.5-VL: images/videos as vision blocks holding one pad token the processor expands to the frame's
+# token count; Qwen3-VL the same without a default system turn (its processor also replaces a video's
+# block by one "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal slot)
+QWEN_CHAT_TEMPLATE = chatml_template("You are a helpful assistant.", "'<|vision_start|><|image_pad|><|vision_end|>'",
+                                     "'<|vision_start|><|video_pad|><|vision_end|>'")
+QWEN3_VL_CHAT_TEMPLATE = chatml_template(None, "'<|vision_start|><|image_pad|><|vision_end|>'",
+                                         "'<|vision_start|><|video_pad|><|vision_end|>'")
 
 # LLaVA-NeXT-Video (Vicuna) format: "{system} USER: <video>\n{text} ASSISTANT: {answer}</s>"
 LLAVA_CHAT_TEMPLATE = (
@@ -68,46 +74,12 @@ LLAVA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
 
-# InternVL2.5 / 3 (ChatML, its own system message): an image part is <IMG_CONTEXT>, which InternVLProcessor
-# expands to <img><IMG_CONTEXT> x N</img>; a video part is <video>, expanded to "Frame{i}: <img>...</img>" lines
-INTERNVL_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\n' + internvl_system + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# LLaVA-OneVision (LLaVA's qwen_1_5 conversation): media first, images as "<image> <image>\\n", a video as
+# "<video>\\n" (the processor expands each to its tokens), then the text
+ONEVISION_CHAT_TEMPLATE = chatml_template(
+    "You are a helpful assistant.",
+    "'<image>' + (' ' if (loop.nextitem is defined and loop.nextitem['type'] == 'image') else '\\n')", "'<video>\\n'")
 
-# LLaVA-OneVision (LLaVA's qwen_1_5 conversation): ChatML with a default system turn; media first, images
-# as "<image> <image>\n", a video as "<video>\n" (the processor expands each to its tokens), then the text
-ONEVISION_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    + QWEN_DEFAULT_SYSTEM +
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>' }}"
-    "{{ ' ' if (loop.nextitem is defined and loop.nextitem['type'] == 'image') else '\\n' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
-# Qwen3-VL: no default system turn; its processor replaces a video's one vision block by one
-# "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal slot
-QWEN3_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, "")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -155,7 +127,9 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
                  "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
         _write_json(out / "processor_config.json", {"processor_class": proc_cls,
                                                     "image_seq_length": adapter.grid * adapter.grid})
-        template = INTERNVL_CHAT_TEMPLATE.replace("' + internvl_system + '", adapter.system_prompt)
+        # InternVL's own system message; an image part is <IMG_CONTEXT>, which InternVLProcessor expands to
+        # <img><IMG_CONTEXT> x N</img>; a video part is <video>, expanded to "Frame{i}: <img>...</img>" lines
+        template = chatml_template(adapter.system_prompt, "'<IMG_CONTEXT>\\n'", "'<video>\\n'")
         cfg_path = out / "tokenizer_config.json"
         if cfg_path.is_file():  # the names InternVLProcessor reads its tokens by
             _patch_json(cfg_path, extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",

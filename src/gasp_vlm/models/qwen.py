@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -125,9 +125,6 @@ class QwenVLAdapter(VLMAdapter):
         return out
 
     # ---- text ----------------------------------------------------------------------------------
-    def _text(self, s: str) -> list[int]:
-        return self.tokenizer.encode(s, add_special_tokens=False)
-
     def _video_blocks(self, slot_frames: Sequence[Sequence[int]], per_slot: int,
                       times: Sequence[float] | None = None) -> list[tuple[str, int, str]]:
         """The vision blocks of one video: Qwen2/2.5 put every slot in one block (time is in M-RoPE)."""
@@ -135,34 +132,12 @@ class QwenVLAdapter(VLMAdapter):
 
     def _chat_ids(self, vision_blocks: list[tuple[str, int, str]], prompt: str | None, answer: str | None,
                   turns: Sequence[tuple[str, str]] | None = None) -> tuple[list[int], list[int]]:
-        """Qwen chat format with vision blocks (kind, n tokens, text before the block) in the first user
-        turn; returns (ids, labels). Labels cover each assistant turn's text and its <|im_end|> (not the
-        role header, not the newline after it)."""
-        turns = as_turns(prompt, answer, turns)
-        ids: list[int] = []
-        if self.system_prompt is not None:
-            ids = [self.ids["im_start"]] + self._text(f"system\n{self.system_prompt}") + [self.ids["im_end"]] + self._text("\n")
-        labels = [-100] * len(ids)
-        for k, (role, text) in enumerate(turns):
-            if role == "user":
-                head = [self.ids["im_start"]] + self._text("user\n")
-                if k == 0:
-                    for kind, n, prefix in vision_blocks:
-                        head += (self._text(prefix) if prefix else []) + [self.ids["vision_start"]]
-                        head += [self.ids[kind]] * n + [self.ids["vision_end"]]
-                head += self._text(text) + [self.ids["im_end"]] + self._text("\n")
-                head += [self.ids["im_start"]] + self._text("assistant\n")
-                ids += head
-                labels += [-100] * len(head)
-            else:
-                ans = self._text(text) + [self.ids["im_end"]]
-                ids += ans
-                labels += ans
-                if k + 1 < len(turns):  # the newline between turns is template, not answer
-                    nl = self._text("\n")
-                    ids += nl
-                    labels += [-100] * len(nl)
-        return ids, labels
+        """Qwen chat format with vision blocks (kind, n tokens, text before the block) in the first user turn."""
+        media: list[int] = []
+        for kind, n, prefix in vision_blocks:
+            media += (self._text(prefix) if prefix else []) + [self.ids["vision_start"]]
+            media += [self.ids[kind]] * n + [self.ids["vision_end"]]
+        return self._chatml(self.system_prompt, media, prompt, answer, turns)
 
     # ---- frames -> inputs ---------------------------------------------------------------------
     def _size(self, h: int, w: int, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
