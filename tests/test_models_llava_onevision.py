@@ -126,3 +126,54 @@ def test_export_processor_files_reproduce_the_adapters_inputs(ad, tmp_path):
                                    add_generation_prompt=True, tokenize=False)
     text = text.replace("<image>", "<image>" * (back.patches ** 2 + 1)).replace("<video>", "<video>" * (2 * back.grid ** 2 + 1))
     assert tok(text, add_special_tokens=False)["input_ids"] == req["input_ids"][0].tolist()
+
+
+def test_anyres_token_map_says_what_every_image_token_shows():
+    """Pixel-encoded proof of the AnyRes layout on the real tower made local: a 112 x 200 image fits the
+    112 x 224 canvas with 12 px of padding each side, so the tile grid keeps feature cols 1..14; every
+    tile-grid token must carry exactly the colour painted in its box, every newline is image_newline."""
+    from tests.test_models_layout import make_local, palette
+
+    ad = load_adapter("tiny-llava-onevision", overrides=SMALL)
+    make_local(ad)
+    h, w = 112, 200
+    kind, boxes = ad.anyres_token_map(h, w)
+    assert (kind == 0).sum() == ad.patches ** 2 and (kind == 2).sum() == 8 and (kind == 1).sum() == 8 * 14
+    np.testing.assert_allclose(boxes[kind == 1][[0, 13]], [[2, 0, 16, 14], [184, 0, 198, 14]])  # by hand
+    rows, cols = 8, 16  # (x + 12) // 14 runs 0..15
+    colors = palette(rows * cols)
+    ys, xs = np.mgrid[0:h, 0:w]
+    img = colors[(ys // 14) * cols + (xs + 12) // 14]  # regions on the canvas' 14 px grid, shifted by the padding
+
+    def features(image):
+        views, n_tok = ad.anyres_image(image)
+        with torch.no_grad():
+            f = ad.model.model.get_image_features(views[None], torch.tensor([image.shape[:2]]), return_dict=True)
+        assert f.pooler_output[0].shape[0] == n_tok == len(kind)
+        return f.pooler_output[0]
+
+    feats = features(img)
+    first_tile = int(np.argmax(kind == 1))
+    refs = torch.stack([features(np.broadcast_to(c, (h, w, 3)).copy())[first_tile] for c in colors])
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    tiles = np.nonzero(kind == 1)[0]
+    want = torch.tensor((cy[tiles] // 14).astype(int) * cols + ((cx[tiles] + 12) // 14).astype(int))
+    dist = torch.cdist(feats[tiles], refs, compute_mode="donot_use_mm_for_euclid_dist")
+    assert torch.equal(dist.argmin(1), want) and float(dist.min(1).values.max()) < 1e-3
+    for i in np.nonzero(kind == 2)[0]:
+        torch.testing.assert_close(feats[i], ad.model.model.image_newline)
+
+
+def test_shrunk_anyres_grid_still_covers_the_image(ad):
+    """A large image whose tile grid exceeds 9 tiles' worth: the shrunk grid's boxes tile the whole image
+    without gaps, rows and columns in order (and the count matches HF, tested above)."""
+    h, w = 300, 340
+    kind, boxes = ad.anyres_token_map(h, w)
+    grid = boxes[kind == 1]
+    n_rows = int((kind == 2).sum())
+    g = grid.reshape(n_rows, -1, 4)
+    assert g.shape[1] * n_rows < (3 * ad.patches) ** 2  # shrunk
+    # the model unpads in whole feature cells, so the kept cells may reach into the padding by less than one
+    cell = 14 * max(h, w) / ad.size / 3
+    np.testing.assert_allclose([g[0, 0, 0], g[0, 0, 1], g[-1, -1, 2], g[-1, -1, 3]], [0, 0, w, h], atol=cell)
+    assert np.allclose(g[:, 1:, 0], g[:, :-1, 2]) and np.allclose(g[1:, :, 1], g[:-1, :, 3])

@@ -12,7 +12,8 @@ Token layout facts (checked by tests/test_models_layout.py and tests/test_models
 - Images (benchmarks): one image -> AnyRes-max-9 (a base 384 view of P^2 tokens, then the best-fitting
   tile grid, unpadded, bilinearly shrunk to at most 9 tiles' worth, one newline token after every
   row); several images -> each padded to a square with the mean colour, P^2 + 1 newline tokens each.
-  Pixels and token counts are computed as the HF processor does (tested equal).
+  Pixels and token counts are computed as the HF processor does (tested equal); ``anyres_token_map``
+  gives every image token's kind (base / tile grid / newline) and its box in original pixels.
 - Chat: LLaVA's ``qwen_1_5`` conversation (the format the models were trained and are scored with in
   lmms-eval): ChatML with "You are a helpful assistant.", media tokens then "\\n" before the user text.
 - Positions are plain 1-D RoPE (Qwen2).
@@ -37,23 +38,31 @@ ONEVISION_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<ima
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def anyres_token_count(orig_hw: tuple[int, int], best_hw: tuple[int, int], tile: int, patches: int,
-                       max_tiles: int = 9) -> tuple[int, int]:
-    """(unpadded tokens, newline tokens) of one AnyRes image's tile grid: the grid's patch features with
-    the padding rows/cols removed, shrunk when they exceed ``max_tiles`` tiles' worth (by more than 10 %),
-    one newline per remaining row (LLaVA-OneVision's anyres_max rule)."""
+def anyres_grid(orig_hw: tuple[int, int], best_hw: tuple[int, int], tile: int, patches: int,
+                max_tiles: int = 9) -> tuple[int, int, int, int, int, int]:
+    """The tile grid of one AnyRes image in feature units (one per 14 px patch of the padded canvas):
+    (rows, cols) after the padding rows/cols are removed, the (top, left) feature rows/cols removed, and
+    the (rows, cols) the model shrinks them to (bilinearly) when they exceed ``max_tiles`` tiles' worth by
+    more than 10 % (LLaVA-OneVision's anyres_max rule; equal to both otherwise)."""
     h, w = orig_hw
     cur_h, cur_w = patches * (best_hw[0] // tile), patches * (best_hw[1] // tile)
+    top = left = 0
     if w / h > cur_w / cur_h:
-        new_h = int(round(h * (cur_w / w), 7))
-        cur_h -= (cur_h - new_h) // 2 * 2
+        top = (cur_h - int(round(h * (cur_w / w), 7))) // 2
+        cur_h -= 2 * top
     else:
-        new_w = int(round(w * (cur_h / h), 7))
-        cur_w -= (cur_w - new_w) // 2 * 2
+        left = (cur_w - int(round(w * (cur_h / h), 7))) // 2
+        cur_w -= 2 * left
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * patches ** 2))
-    if ratio > 1.1:
-        return int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
-    return cur_h * cur_w, cur_h
+    out_h, out_w = (int(cur_h // ratio), int(cur_w // ratio)) if ratio > 1.1 else (cur_h, cur_w)
+    return cur_h, cur_w, top, left, out_h, out_w
+
+
+def anyres_token_count(orig_hw: tuple[int, int], best_hw: tuple[int, int], tile: int, patches: int,
+                       max_tiles: int = 9) -> tuple[int, int]:
+    """(tile-grid tokens, newline tokens) of one AnyRes image: one newline after every grid row."""
+    *_, out_h, out_w = anyres_grid(orig_hw, best_hw, tile, patches, max_tiles)
+    return out_h * out_w, out_h
 
 
 class LlavaOnevisionAdapter(VLMAdapter):
@@ -104,16 +113,20 @@ class LlavaOnevisionAdapter(VLMAdapter):
         """uint8 (H, W, 3) -> float32 (3, h, w): PIL bicubic resize to ``hw`` (if given), /255, normalise."""
         return normalize_frames([img], hw or img.shape[:2], self.image_mean, self.image_std)[0]
 
-    def anyres_image(self, img: np.ndarray) -> tuple[torch.Tensor, int]:
-        """One image alone -> ((1 + tiles), 3, S, S) base view + tiles, and its number of LLM tokens."""
+    def _anyres_canvas(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The best pinpoint (bh, bw), the aspect-kept resize (nh, nw) and its paste offset (py, px) in it."""
         from transformers.image_processing_utils import select_best_resolution
 
-        h, w = img.shape[:2]
         bh, bw = select_best_resolution((h, w), self.pinpoints)
         s_w, s_h = bw / w, bh / h
         nh, nw = (min(math.ceil(h * s_w), bh), bw) if s_w < s_h else (bh, min(math.ceil(w * s_h), bw))
+        return (bh, bw), (nh, nw), ((bh - nh) // 2, (bw - nw) // 2)
+
+    def anyres_image(self, img: np.ndarray) -> tuple[torch.Tensor, int]:
+        """One image alone -> ((1 + tiles), 3, S, S) base view + tiles, and its number of LLM tokens."""
+        h, w = img.shape[:2]
+        (bh, bw), (nh, nw), (py, px) = self._anyres_canvas(h, w)
         resized = np.asarray(Image.fromarray(img).resize((nw, nh), resample=Image.BICUBIC))
-        (py, px) = divmod(bh - nh, 2)[0], divmod(bw - nw, 2)[0]
         canvas = np.zeros((bh, bw, 3), np.uint8)  # zero padding, as HF's processor pads
         canvas[py:py + nh, px:px + nw] = resized
         s = self.size
@@ -121,6 +134,33 @@ class LlavaOnevisionAdapter(VLMAdapter):
         views += [self._to_tensor(canvas[r:r + s, c:c + s]) for r in range(0, bh, s) for c in range(0, bw, s)]
         unpadded, newlines = anyres_token_count((h, w), (bh, bw), s, self.patches, self.max_tiles)
         return torch.stack(views), self.patches ** 2 + unpadded + newlines
+
+    def anyres_token_map(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """What each LLM token of one AnyRes image shows, in the model's order: ``kind`` (n,) 0 = base view,
+        1 = tile grid, 2 = newline; ``boxes`` (n, 4) [x0, y0, x1, y1] in original-image pixels (NaN for
+        newlines). Base token (r, c) is patch (r, c) of the S x S resize; a tile-grid token is its feature
+        cell of the padded canvas (tiles of S px, P patches of 14 px each), mapped back through the paste
+        and the resize; when the grid is shrunk, a token spans the fraction of feature cells it samples."""
+        s, p, q = self.size, self.patches, self.patch
+        (bh, bw), (nh, nw), (py, px) = self._anyres_canvas(h, w)
+        cur_h, cur_w, top, left, out_h, out_w = anyres_grid((h, w), (bh, bw), s, p, self.max_tiles)
+        r, c = np.divmod(np.arange(p * p), p)
+        base = np.stack([c * q * w / s, r * q * h / s, (c + 1) * q * w / s, (r + 1) * q * h / s], 1).astype(float)
+
+        def canvas_px(f: np.ndarray) -> np.ndarray:  # feature coordinate -> canvas pixels (tiles of S px)
+            t = np.minimum(np.floor(f / p), np.ceil(f / p) - 1).clip(0)  # a cell edge on a tile seam: the earlier tile
+            return t * s + (f - t * p) * q
+
+        ys = top + np.arange(out_h + 1) * cur_h / out_h  # feature-row edges of the (shrunk) grid
+        xs = left + np.arange(out_w + 1) * cur_w / out_w
+        y0, y1 = (canvas_px(ys[:-1]) - py) * h / nh, (canvas_px(ys[1:]) - py) * h / nh
+        x0, x1 = (canvas_px(xs[:-1]) - px) * w / nw, (canvas_px(xs[1:]) - px) * w / nw
+        kinds, boxes = [np.zeros(p * p, int)], [base]
+        for i in range(out_h):
+            row = np.stack([x0, np.full(out_w, y0[i]), x1, np.full(out_w, y1[i])], 1)
+            kinds += [np.ones(out_w, int), np.array([2])]
+            boxes += [row, np.full((1, 4), np.nan)]
+        return np.concatenate(kinds), np.concatenate(boxes)
 
     def square_image(self, img: np.ndarray) -> torch.Tensor:
         """One of several images -> (1, 3, S, S): padded to a square with the mean colour, resized."""
