@@ -29,12 +29,14 @@ pytestmark = pytest.mark.skipif(not _has_load_adapter(), reason="gasp_vlm.models
 MAKERS = {"vsibench": make_vsibench, "all_angles": make_all_angles, "blink": make_blink, "mmsi": make_mmsi}
 
 
-def _eval(root, bench, out, model="tiny-qwen2.5-vl", limit=2):
+def _eval(root, bench, out, model="tiny-qwen2.5-vl", limit=2, output: list | None = None):
     # small pixel bounds keep CPU time low (the official All-Angles/MMSI sizing upscales to >= 1280 tokens/view)
     r = CliRunner().invoke(main, ["eval", "-b", bench, "--data", str(root), "--model", model, "--out", str(out),
                                   "--limit", str(limit), "--max-new-tokens", "3", "--frames", "4", "--no-progress",
                                   "--min-pixels", str(56 * 56), "--max-pixels", str(112 * 112)])
     assert r.exit_code == 0, r.output + repr(r.exception)
+    if output is not None:
+        output.append(r.output)
     return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
 
 
@@ -47,7 +49,9 @@ def _eval(root, bench, out, model="tiny-qwen2.5-vl", limit=2):
 def test_gasp_eval_preset_end_to_end(tmp_path, bench, model):
     root = MAKERS[bench](tmp_path / bench)
     out = tmp_path / "out"
-    preds = _eval(root, bench, out, model)
+    printed: list[str] = []
+    preds = _eval(root, bench, out, model, output=printed)
+    out_text = printed[0]
     b = get_benchmark(bench)
     samples = b.load(root)[:2]
     assert [p["sample_id"] for p in preds] == [s.sample_id for s in samples]
@@ -60,6 +64,7 @@ def test_gasp_eval_preset_end_to_end(tmp_path, bench, model):
     assert run["frames"] == (4 if bench == "vsibench" else None) and run["versions"]["transformers"]
     assert run["pixels"] == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
     assert run["model_info"]["preset"] == model
+    assert ("do not apply to" in out_text) == (model in ("tiny-internvl", "tiny-llava-onevision", "tiny-llava-next-video"))
     res = json.loads((out / "results.json").read_text())
     assert res["num_samples"] == 2 and res["num_missing"] == 0 and 0.0 <= res["overall"] <= 100.0
 

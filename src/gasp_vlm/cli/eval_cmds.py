@@ -163,6 +163,11 @@ def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_n
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         generator = load_generator(model, generation, dtype=dtype, device=device, seed=seed)
+        adapter = getattr(generator, "adapter", None)
+        if (min_pixels is not None or max_pixels is not None) and adapter is not None \
+                and not hasattr(adapter, "max_pixels") and rank == 0:
+            click.echo(f"warning: --min-pixels / --max-pixels do not apply to {adapter.family}: it sizes frames by "
+                       f"its own rule (tiles / a fixed square); they are ignored", err=True)
         results = run_eval(bench, data_root, generator, out_dir, model_name=str(model), profile=profile, split=split,
                            limit=limit, frames=frames, batch_size=batch_size, generation=generation,
                            pixels=pixels, progress=not no_progress and rank == 0, rank=rank, world=world)
