@@ -10,6 +10,7 @@ Layout of one checkpoint directory (``<output_dir>/checkpoints/step-000123``)::
     trainer_state.{json,safetensors}  optimizer + LR scheduler state, step (data state = step, see stream.py)
     rng/rank{r}.{json,safetensors}    python / numpy / torch (+CUDA) RNG state of each rank
     engine/                   DeepSpeed only: accelerate.save_state (partitioned optimizer state)
+    shards/rank{r}.{json,safetensors}  FSDP2 only: rank r's slices of the trainable weights + optimizer state
 
 No pickle: trainer and RNG state are safetensors + JSON (gasp_vlm/io.py), so loading a checkpoint from
 a shared run folder cannot run code (``trainer_state.pt`` of older checkpoints is read with
@@ -39,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gasp_vlm.io import StateFileError, atomic_write_text, check_safetensors, load_tree, save_tree, tree_files
+from gasp_vlm.train.fsdp import full_trainable_state, is_sharded, load_rank_shard, save_rank_shard
 
 FORMAT = "gasp-checkpoint/1"
 META = "gasp_checkpoint.json"
@@ -115,16 +117,25 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # partitioned optimizer state: every rank writes its shard
         accelerator.save_state(str(tmp / "engine"))
+    sharded = is_sharded(gm)
+    if sharded:  # FSDP2: every rank its own slices; the trainable weights gathered (collective) for rank 0
+        if main:
+            (tmp / "shards").mkdir()
+        accelerator.wait_for_everyone()
+        save_rank_shard(gm, optimizer, tmp / "shards" / f"rank{accelerator.process_index}", accelerator.num_processes)
+        full = full_trainable_state(gm)
     if main:
         adapter = gm.adapter
-        if cfg.finetune == "lora":
+        if sharded:
+            _save_gathered(gm, full, tmp, cfg.finetune)
+        elif cfg.finetune == "lora":
             gm.backbone.save_pretrained(str(tmp / "adapter"))
         else:
             save_file(_plain(trainable_llm_state(adapter.model)), str(tmp / "llm.safetensors"))
-        if gm.heads is not None:
+        if gm.heads is not None and not sharded:
             save_file(_plain(gm.heads.state_dict()), str(tmp / "heads.safetensors"))
         state = {"step": int(step), "scheduler": scheduler.state_dict()}
-        if not deepspeed:
+        if not deepspeed and not sharded:
             state["optimizer"] = optimizer.state_dict()
         save_tree(state, tmp / "trainer_state")
         (tmp / META).write_text(json.dumps(checkpoint_meta(cfg, adapter, gm.heads, step), indent=2))
@@ -142,6 +153,24 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
                               os.path.relpath(ckpt_dir.resolve(), Path(output_dir).resolve()) + "\n")
     accelerator.wait_for_everyone()
     return ckpt_dir
+
+
+def _save_gathered(gm, full: dict[str, torch.Tensor], out: Path, finetune: str) -> None:
+    """FSDP2: the gathered trainable weights (GaspModel names) in the usual layout: the PEFT adapter
+    (peft's own key mapping and config file) or llm.safetensors, and heads.safetensors."""
+    backbone = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+    if finetune == "lora":
+        from peft import get_peft_model_state_dict
+
+        (out / "adapter").mkdir()
+        save_file(_plain(get_peft_model_state_dict(gm.backbone, state_dict=backbone)),
+                  str(out / "adapter" / "adapter_model.safetensors"))
+        gm.backbone.peft_config["default"].save_pretrained(str(out / "adapter"))
+    else:
+        save_file(_plain(backbone), str(out / "llm.safetensors"))
+    if gm.heads is not None:
+        save_file(_plain({k.removeprefix("heads."): v for k, v in full.items() if k.startswith("heads.")}),
+                  str(out / "heads.safetensors"))
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
@@ -314,12 +343,25 @@ def restore_training_state(ckpt_dir: str | Path, *, accelerator, model, optimize
     """Resume: weights, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
     ckpt_dir = verify_checkpoint(ckpt_dir)
     gm = accelerator.unwrap_model(model)
-    load_trainable_weights(ckpt_dir, gm)
     state = _read_state(ckpt_dir, "trainer_state")
-    if (ckpt_dir / "engine").is_dir():
-        accelerator.load_state(str(ckpt_dir / "engine"))
+    if is_sharded(gm):  # FSDP2: this rank's own slices of the weights and the optimizer state
+        stem = ckpt_dir / "shards" / f"rank{accelerator.process_index}"
+        if not tree_files(stem)[1].is_file():
+            raise CheckpointError(f"{ckpt_dir}: no FSDP2 shard for rank {accelerator.process_index} ({stem}.safetensors); "
+                                  f"resume with the world size and engine that wrote it")
+        try:
+            load_rank_shard(gm, optimizer, stem, accelerator.num_processes)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    elif (ckpt_dir / "shards").is_dir():
+        raise CheckpointError(f"{ckpt_dir}: written by an FSDP2 run (shards/); resume it with fsdp2: true, or export "
+                              f"it and start a new run from the export")
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        load_trainable_weights(ckpt_dir, gm)
+        if (ckpt_dir / "engine").is_dir():
+            accelerator.load_state(str(ckpt_dir / "engine"))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = _read_state(ckpt_dir, f"rng/rank{accelerator.process_index}", required=False)
     if rng is not None:

@@ -130,6 +130,8 @@ class TrainConfig:
     log_every: int = 10  # console/tensorboard cadence; the jsonl log gets every step
     report_to: list[str] = field(default_factory=lambda: ["console", "tensorboard"])
     deepspeed: str | None = None  # DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); "auto" fields are filled
+    # FSDP2 (torch fully_shard): one unit per decoder layer + the root, per-rank checkpoint shards (train/fsdp.py)
+    fsdp2: bool = False
     seed: int = 0
 
     @property
@@ -141,6 +143,7 @@ class TrainConfig:
         else ``where``, the config file)."""
         checks = [
             (self.lora.r > 0, "lora.r", "must be > 0"),
+            (not (self.fsdp2 and self.deepspeed), "fsdp2", "cannot be combined with deepspeed: choose one engine"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
             (self.optim.head_lr_mult > 0, "optim.head_lr_mult", "must be > 0"),
             (self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),

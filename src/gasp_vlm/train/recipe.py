@@ -13,7 +13,8 @@ Setup, in this order (the order matters):
   5. AdamW with two param groups -- backbone at ``optim.lr``, heads at ``optim.head_lr_mult`` × lr
      (the paper's 4×) -- and one LambdaLR (linear warm-up, cosine) that scales both groups alike;
   6. ``accelerate`` prepares model + optimizer: single process, DDP (torchrun / accelerate launch,
-     gloo on CPU), or DeepSpeed ZeRO-2 (``deepspeed:`` key or an accelerate DeepSpeed config).
+     gloo on CPU), DeepSpeed ZeRO-2 (``deepspeed:`` key or an accelerate DeepSpeed config), or FSDP2
+     (``fsdp2: true``, train/fsdp.py; gloo on CPU too).
 
 Each optimizer step runs ``optim.grad_accum`` micro-batches; micro-batch i is ``StepBatches[i]``, a pure
 function of (seed, i, rank, world), so the data state of a checkpoint is just its step and ``--resume``
@@ -54,6 +55,7 @@ from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune
                                        restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
 from gasp_vlm.train.engine import deepspeed_plugin, fill_deepspeed_auto, mixed_precision
+from gasp_vlm.train.fsdp import shard_model
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
 from gasp_vlm.train.resume import check_resume_config
 from gasp_vlm.train.stream import PreparedSteps, StepBatches
@@ -181,6 +183,8 @@ class GaspRecipe:
         self.gasp_model = gm = GaspModel(backbone, adapter, self.heads, cfg.gasp)
         gm.train()
         adapter.vision_module().eval()  # frozen tower: no dropout, run under no_grad
+        if cfg.fsdp2:  # before the optimizer: it must hold the sharded parameters
+            shard_model(gm, adapter.decoder_layers(), acc.device)
 
         self.optimizer = torch.optim.AdamW(self.param_groups(gm), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
@@ -188,7 +192,10 @@ class GaspRecipe:
         # Not prepared by accelerate on purpose: its AcceleratedScheduler steps num_processes times per call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.max_steps, o.schedule, o.min_lr_ratio))
-        self.model, self.optimizer = acc.prepare(gm, self.optimizer)
+        if cfg.fsdp2:  # already sharded: accelerate keeps the optimizer, autocast and accumulation
+            self.model, self.optimizer = gm, acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(gm, self.optimizer)
         self.trainable = [p for p in gm.parameters() if p.requires_grad]
         self.flops_per_token = flops_per_token(adapter)
 
@@ -279,6 +286,7 @@ class GaspRecipe:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable if p.grad is not None]))
         if norm is None and hasattr(self.model, "get_global_grad_norm"):  # DeepSpeed clips inside its engine
             norm = self.model.get_global_grad_norm()
+        norm = getattr(norm, "full_tensor", lambda: norm)()  # FSDP2: a replicated DTensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
