@@ -51,7 +51,7 @@ def _launch(tmp_path, out, *extra: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                            "127.0.0.1", "--master-port", str(_free_port()), str(script),
                            json.dumps({**RAW, "fsdp2": True}), str(out), *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=600)
     ranks = "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("[rank"))
     assert proc.returncode == 0, ranks[-6000:] + "\n...\n" + proc.stderr[-1500:]
     return torch.load(out / "final_state.pt")
@@ -99,6 +99,44 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_from_its_rank_shards(tmp_
         assert torch.equal(p.detach(), got[f"heads.{n}"]), n
     lora = {n: p for n, p in adapter.model.named_parameters() if "lora_" in n}
     assert lora and all(torch.equal(lora[n], got[f"backbone.base_model.model.{n}"]) for n in lora)
+
+
+NODE_WORKER = WORKER.replace("sys.argv[2]", "os.path.join(sys.argv[2], 'node' + os.environ['GROUP_RANK'])")
+
+
+def _launch_two_nodes(tmp_path, out, *extra: str) -> None:
+    """Two single-process "nodes" (torchrun --nnodes 2) whose run folders differ: node-local disks."""
+    script = tmp_path / "node_worker.py"
+    script.write_text(NODE_WORKER.replace("r.accelerator.is_main_process", "r.accelerator.local_process_index == 0"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port, str(script),
+                               json.dumps({**RAW, "fsdp2": True}), str(out), *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-5000:]
+
+
+def test_without_a_shared_file_system_every_node_keeps_a_checkpoint_it_resumes_from(tmp_path):
+    run = tmp_path / "nodes"
+    _launch_two_nodes(tmp_path, run)
+    finals = [torch.load(run / f"node{n}" / "final_state.pt")["state"] for n in (0, 1)]
+    for n in (0, 1):  # each node's disk: a complete checkpoint (weights, its own shard, trainer state)
+        ck = run / f"node{n}" / "checkpoints" / "step-000002"
+        assert (ck / "gasp_checkpoint.json").is_file() and (ck / "adapter" / "adapter_model.safetensors").is_file()
+        assert (ck / "shards" / f"rank{n}.safetensors").is_file() and (ck / "trainer_state.json").is_file()
+        assert not (ck / ".written-by-rank0").exists()
+        assert (run / f"node{n}" / "latest").read_text().strip() == "checkpoints/step-000003"
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    for n in (0, 1):  # an interrupted run: each node resumes from its own copy of step 2
+        shutil.rmtree(run / f"node{n}" / "checkpoints" / "step-000003")
+        (run / f"node{n}" / "final_state.pt").unlink()
+    _launch_two_nodes(tmp_path, run, "--resume")
+    resumed = torch.load(run / "node0" / "final_state.pt")
+    assert resumed["resumed"].endswith("step-000002")
+    assert all(torch.equal(resumed["state"][k], finals[0][k]) for k in finals[0])
 
 
 def test_an_fsdp2_checkpoint_is_not_resumed_without_fsdp2(tmp_path):

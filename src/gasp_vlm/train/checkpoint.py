@@ -44,6 +44,7 @@ from gasp_vlm.train.fsdp import full_trainable_state, is_sharded, load_rank_shar
 
 FORMAT = "gasp-checkpoint/1"
 META = "gasp_checkpoint.json"
+OWNER = ".written-by-rank0"  # in a checkpoint being written: tells the other nodes they share rank 0's disk
 
 
 class CheckpointError(ValueError):
@@ -102,29 +103,41 @@ def checkpoint_meta(cfg, adapter, heads, step: int) -> dict:
 
 
 def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, scheduler, cfg, step: int,
-                    output_dir: str | Path | None = None) -> Path:
-    """Write one checkpoint atomically. Call on *every* rank (ranks meet at barriers)."""
+                    output_dir: str | Path | None = None, keep_last: int | None = None) -> Path:
+    """Write one checkpoint atomically. Call on *every* rank (ranks meet at barriers); returns its path.
+
+    No shared file system is assumed: rank 0 writes the checkpoint, and so does the first rank of every
+    node that cannot see rank 0's folder (node-local disks), so each node holds a complete checkpoint
+    it can resume from; on a shared file system only rank 0 writes. ``keep_last``: prune older ones."""
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}"
     gm = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
-    if main:
+
+    def fresh_tmp() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
+        (tmp / "shards").mkdir()
+
+    if main:
+        fresh_tmp()
+        (tmp / OWNER).write_text(f"{os.uname().nodename}:{os.getpid()}\n")  # what the other nodes look for
+    accelerator.wait_for_everyone()
+    # a node whose first rank does not see rank 0's folder has its own disk: it writes a copy of its own
+    writer = main or (accelerator.local_process_index == 0 and not (tmp / OWNER).is_file())
+    if writer and not main:
+        fresh_tmp()
     accelerator.wait_for_everyone()
     save_tree(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}")
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # partitioned optimizer state: every rank writes its shard
         accelerator.save_state(str(tmp / "engine"))
     sharded = is_sharded(gm)
-    if sharded:  # FSDP2: every rank its own slices; the trainable weights gathered (collective) for rank 0
-        if main:
-            (tmp / "shards").mkdir()
-        accelerator.wait_for_everyone()
+    if sharded:  # FSDP2: every rank its own slices; the trainable weights gathered (collective, every rank)
         save_rank_shard(gm, optimizer, tmp / "shards" / f"rank{accelerator.process_index}", accelerator.num_processes)
         full = full_trainable_state(gm)
-    if main:
+    if writer:
         adapter = gm.adapter
         if sharded:
             _save_gathered(gm, full, tmp, cfg.finetune)
@@ -142,7 +155,10 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     # every rank's own files (rng, engine shards) must be in tmp before rank 0 renames it: a slow rank
     # would otherwise write into a folder that has already moved (seen in CI: rank 1 died mid-save)
     accelerator.wait_for_everyone()
-    if main:
+    if writer:
+        (tmp / OWNER).unlink(missing_ok=True)
+        if not any((tmp / "shards").iterdir()):
+            (tmp / "shards").rmdir()
         if ckpt_dir.exists():  # re-saving the same step: swap the old one out first
             old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
             os.replace(ckpt_dir, old)
@@ -151,6 +167,8 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
         if output_dir is not None:  # relative: a copied run folder points at its own checkpoints
             atomic_write_text(Path(output_dir) / "latest",
                               os.path.relpath(ckpt_dir.resolve(), Path(output_dir).resolve()) + "\n")
+        if keep_last is not None:
+            prune_checkpoints(ckpt_dir.parent, keep_last)
     accelerator.wait_for_everyone()
     return ckpt_dir
 

@@ -51,7 +51,7 @@ import torch
 from gasp_vlm.io import write_json_atomic
 from gasp_vlm.method.gasp import GaspModel, Part, build_heads
 from gasp_vlm.train.bad_media import BadMediaTracker
-from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
+from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_meta,
                                        restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
 from gasp_vlm.train.engine import deepspeed_plugin, fill_deepspeed_auto, mixed_precision
@@ -344,10 +344,7 @@ class GaspRecipe:
         root = self.out_dir / "checkpoints"
         path = save_checkpoint(root / f"step-{self.step:06d}", accelerator=self.accelerator, model=self.model,
                                optimizer=self.optimizer, scheduler=self.scheduler, cfg=self.cfg, step=self.step,
-                               output_dir=self.out_dir)
-        if self.accelerator.is_main_process:
-            prune_checkpoints(root, self.cfg.keep_last)
-        self.accelerator.wait_for_everyone()
+                               output_dir=self.out_dir, keep_last=self.cfg.keep_last)
         return path
 
     # ---- the loop -----------------------------------------------------------------------------
