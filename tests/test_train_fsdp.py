@@ -155,3 +155,18 @@ def test_fsdp2_and_deepspeed_together_are_refused():
 
     with pytest.raises(ConfigError, match="fsdp2"):
         config_from_dict({**RAW, "fsdp2": True, "deepspeed": "configs/deepspeed/zero2.json"})
+
+
+def test_deepspeed_that_would_not_run_as_asked_is_refused(tmp_path):
+    """ZeRO-3 (partitions the LoRA / head weights) points to fsdp2; a DeepSpeed config without CUDA, which
+    accelerate would silently run as plain DDP, is an error before any model loads."""
+    from gasp_vlm.train.config import ConfigError
+
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported.*fsdp2: true"):
+        GaspRecipe(config_from_dict({**RAW, "deepspeed": str(zero3)}), tmp_path / "a", progress=False)
+    if not torch.cuda.is_available():
+        zero2 = os.path.join(os.path.dirname(__file__), "..", "configs", "deepspeed", "zero2.json")
+        with pytest.raises(ConfigError, match="DeepSpeed needs CUDA GPUs"):
+            GaspRecipe(config_from_dict({**RAW, "deepspeed": zero2}), tmp_path / "b", progress=False)

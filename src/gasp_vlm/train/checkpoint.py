@@ -132,7 +132,7 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     save_tree(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}")
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # partitioned optimizer state: every rank writes its shard
-        accelerator.save_state(str(tmp / "engine"))
+        accelerator.save_state(str(tmp / "engine"), exclude_frozen_parameters=True)  # never the frozen base
     sharded = is_sharded(gm)
     if sharded:  # FSDP2: every rank its own slices; the trainable weights gathered (collective, every rank)
         save_rank_shard(gm, optimizer, tmp / "shards" / f"rank{accelerator.process_index}", accelerator.num_processes)
@@ -377,7 +377,7 @@ def restore_training_state(ckpt_dir: str | Path, *, accelerator, model, optimize
     else:
         load_trainable_weights(ckpt_dir, gm)
         if (ckpt_dir / "engine").is_dir():
-            accelerator.load_state(str(ckpt_dir / "engine"))
+            accelerator.load_state(str(ckpt_dir / "engine"), load_module_strict=False)  # the base: from the model
         else:
             optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -32,8 +32,35 @@ def deepspeed_plugin(cfg: TrainConfig):
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"config key 'deepspeed': {path} is not valid JSON ({e})") from e
+    check_zero_stage(ds, str(path))
+    import torch
+
+    if not torch.cuda.is_available():  # accelerate would run the job as plain DDP, under a DeepSpeed name
+        raise ConfigError("config key 'deepspeed': DeepSpeed needs CUDA GPUs (none here); on CPUs train with DDP "
+                          "or fsdp2: true")
     fill_deepspeed_auto(ds, cfg)
     return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def check_zero_stage(ds: dict, where: str) -> None:
+    """ZeRO-3 is refused: it partitions the LoRA and head weights themselves, which the heads' SVD init,
+    the checkpoint (gathered adapter + heads files) and the diagnostic read whole. FSDP2 shards them and
+    is tested end to end (``fsdp2: true``); ZeRO-2 (optimizer + gradient partitioning) is supported."""
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage >= 3:
+        raise ConfigError(f"{where}: ZeRO stage {stage} is not supported (it partitions the trainable LoRA / head "
+                          f"weights the heads' init and the checkpoints read whole); use ZeRO-2 "
+                          f"(configs/deepspeed/zero2.json) or shard parameters with fsdp2: true")
+
+
+def check_engine(cfg: TrainConfig, accelerator) -> None:
+    """The engine the config asks for is the one running: accelerate silently runs a DeepSpeed config as
+    plain DDP without CUDA GPUs, which would train unsharded under a DeepSpeed name."""
+    if accelerator.state.deepspeed_plugin is not None:
+        check_zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config, "the accelerate DeepSpeed config")
+    if cfg.deepspeed and accelerator.distributed_type.name != "DEEPSPEED":
+        raise ConfigError(f"config key 'deepspeed': DeepSpeed needs CUDA GPUs (accelerate runs this job as "
+                          f"{accelerator.distributed_type.name}); on CPUs train with DDP or fsdp2: true")
 
 
 def fill_deepspeed_auto(ds: dict, cfg: TrainConfig) -> None:

@@ -54,7 +54,7 @@ from gasp_vlm.train.bad_media import BadMediaTracker
 from gasp_vlm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_meta,
                                        restore_training_state, save_checkpoint, verify_checkpoint)
 from gasp_vlm.train.config import ConfigError, TrainConfig, save_config
-from gasp_vlm.train.engine import deepspeed_plugin, fill_deepspeed_auto, mixed_precision
+from gasp_vlm.train.engine import check_engine, deepspeed_plugin, fill_deepspeed_auto, mixed_precision
 from gasp_vlm.train.fsdp import shard_model
 from gasp_vlm.train.lora import VISION_MODULE_MARKERS, apply_lora
 from gasp_vlm.train.resume import check_resume_config
@@ -131,6 +131,7 @@ class GaspRecipe:
             deepspeed_plugin=deepspeed_plugin(cfg),
             # every trainable parameter gets a gradient every step (heads: zero-weighted dummy calls)
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        check_engine(cfg, acc)
         if acc.state.deepspeed_plugin is not None and not cfg.deepspeed:  # launched with a DeepSpeed config
             fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, cfg)
         set_seed(cfg.seed)  # same on every rank: identical LoRA init (DDP broadcasts anyway)
