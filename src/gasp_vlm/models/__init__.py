@@ -3,6 +3,7 @@ and LLaVA-NeXT-Video (see docs/DESIGN.md)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -59,19 +60,29 @@ def family_of(config_or_dir: Any) -> str:
                          f"{sorted(t for c in ADAPTERS.values() for t in c.hf_model_types)}")
 
 
-def _check_processor(path: Path, cls: type[VLMAdapter]) -> None:
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+def _processor_configs(path: Path) -> dict[str, dict]:
+    """The processor config files of a checkpoint directory, parsed (read once for the check and the settings)."""
+    out = {}
+    for name in PROCESSOR_FILES:
+        f = path / name
+        if f.is_file():
+            try:
+                out[name] = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{f}: invalid JSON ({e})") from e
+    return out
+
+
+def _check_processor(path: Path, cls: type[VLMAdapter], configs: dict[str, dict]) -> None:
     """Refuse a processor config written for another family or another tower (checked before any weight
     is read): its pixels would be cut into patches the model does not expect (a Qwen2.5-VL processor,
     14 px, beside a Qwen3-VL model, 16 px)."""
     patch = (json.loads((path / "config.json").read_text()).get("vision_config") or {}).get("patch_size")
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+    for name, cfg in configs.items():
         f = path / name
-        if not f.is_file():
-            continue
-        try:
-            cfg = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{f}: invalid JSON ({e})") from e
         theirs = cfg.get("processor_class")
         if theirs and theirs != cls.processor_class:
             raise ModelLoadError(f"{f}: processor_class {theirs!r}, but config.json is a {cls.family} model "
@@ -81,14 +92,13 @@ def _check_processor(path: Path, cls: type[VLMAdapter]) -> None:
                                  f"(a processor from another model?)")
 
 
-def _preprocessor_settings(path: Path, cls: type[VLMAdapter]) -> dict:
+def _preprocessor_settings(cls: type[VLMAdapter], configs: dict[str, dict]) -> dict:
     """Pixel settings a checkpoint's processor config fixes (mean/std, and what the family reads:
     Qwen's min/max pixels, InternVL's tile counts)."""
     out: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-        f = path / name
-        if f.is_file():
-            out.update(cls.processor_settings(name, json.loads(f.read_text())))
+        if name in configs:
+            out.update(cls.processor_settings(name, configs[name]))
     return out
 
 
@@ -113,7 +123,8 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
             raise ModelLoadError(f"{path}: not a directory (expected a Hugging Face model directory or a preset: "
                                  f"{sorted(PRESETS)})")
         family = family_of(path)
-        _check_processor(path, ADAPTERS[family])
+        configs = _processor_configs(path)
+        _check_processor(path, ADAPTERS[family], configs)
         note = path / "gasp_adapter.json"
         saved = json.loads(note.read_text()) if note.is_file() else {}
         src = str(path)
@@ -125,7 +136,7 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
         except OSError as e:
             raise ModelLoadError(f"cannot load {name!r}: not a preset, not a local directory, and the hub/cache "
                                  f"lookup failed ({e})") from e
-        saved, src = {}, name
+        saved, src, configs = {}, name, {}
     else:
         raise ModelLoadError(f"{name!r}: no such directory and not a preset (presets: {sorted(PRESETS)})")
 
@@ -141,9 +152,10 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - optional
         processor = None
-    kw = _preprocessor_settings(path, cls) if path.exists() else {}
-    kw.update({k: v for k, v in saved.items() if k in cls.__init__.__code__.co_varnames  # the adapter's extra_state
-               and k not in ("frame_mode", "preset", "image_mean", "image_std")})
+    kw = _preprocessor_settings(cls, configs)
+    params = inspect.signature(cls.__init__).parameters  # the adapter's extra_state comes back through __init__
+    kw.update({k: v for k, v in saved.items() if k in params and k not in ("frame_mode", "preset", "image_mean",
+                                                                            "image_std")})
     kw.update(adapter_kwargs)
     return cls(model.to(device).eval(), tok, processor=processor, preset=saved.get("preset"),
                frame_mode=frame_mode or saved.get("frame_mode"), **kw)

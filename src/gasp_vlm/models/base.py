@@ -241,6 +241,18 @@ class VLMAdapter:
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
         raise NotImplementedError
 
+    def _token_rows(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token id rows -> right-padded ``input_ids`` and ``attention_mask`` (every family's batches)."""
+        ids, mask = pad_sequences(rows, self.tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _prepared(self, encoded: list[dict], inputs: dict[str, Any]) -> PreparedBatch:
+        """Encoded samples' model ``inputs`` -> a PreparedBatch with their layouts and padded labels
+        (None when no sample has an answer: nothing to score)."""
+        labels, _ = pad_sequences([e["labels"] for e in encoded], IGNORE_INDEX)
+        has_answer = any(l != IGNORE_INDEX for e in encoded for l in e["labels"])
+        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+
     # ---- forward -----------------------------------------------------------------------------
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict[str, torch.Tensor]:
         """Inputs with the vision tower run under no_grad (its features passed as ``mm_encoder_outputs``).

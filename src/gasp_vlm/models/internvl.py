@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.qwen import normalize_frames
 
@@ -171,14 +171,11 @@ class InternVLAdapter(VLMAdapter):
         return {"ids": ids, "labels": labels, "pixels": pix, "layout": layout}
 
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
-        ids, mask = pad_sequences([e["ids"] for e in encoded], self.tokenizer.pad_token_id)
-        labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        inputs: dict[str, Any] = self._token_rows([e["ids"] for e in encoded])
         pix = [e["pixels"] for e in encoded if e["pixels"] is not None]
         if pix:  # the model fills the context tokens in row-major order: sample by sample, tile by tile
             inputs["pixel_values"] = torch.cat(pix)
-        has_answer = any(l != -100 for e in encoded for l in e["labels"])
-        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+        return self._prepared(encoded, inputs)
 
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
         inputs = dict(batch.inputs)
@@ -211,8 +208,7 @@ class InternVLAdapter(VLMAdapter):
 
     def _collate_generation(self, encoded: list[dict]) -> dict:
         """Right-pad the token rows; tiles concatenate in row order (how the model fills the context tokens)."""
-        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        out: dict[str, Any] = self._token_rows([e["input_ids"][0].tolist() for e in encoded])
         pix = [e["pixel_values"] for e in encoded if "pixel_values" in e]
         if pix:
             out["pixel_values"] = torch.cat(pix)

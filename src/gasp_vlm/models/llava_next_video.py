@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, as_turns, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.qwen import CLIP_MEAN, CLIP_STD
 
@@ -107,9 +107,7 @@ class LlavaNextVideoAdapter(VLMAdapter):
         return {"ids": ids, "labels": labels, "pixels": x, "layout": layout}
 
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
-        ids, mask = pad_sequences([e["ids"] for e in encoded], self.tokenizer.pad_token_id)
-        labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
-        inputs = {"input_ids": ids, "attention_mask": mask}
+        inputs: dict[str, Any] = self._token_rows([e["ids"] for e in encoded])
         pix = [e["pixels"] for e in encoded if e["pixels"] is not None]
         if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
             inputs["pixel_values_videos"] = torch.stack(pix)
@@ -117,8 +115,7 @@ class LlavaNextVideoAdapter(VLMAdapter):
             # different frame counts (or text-only samples): one (1, sum T) video; the model scatters the
             # frames' tokens over the video positions in row-major order, i.e. sample by sample
             inputs["pixel_values_videos"] = torch.cat(pix)[None]
-        has_answer = any(l != -100 for e in encoded for l in e["labels"])
-        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+        return self._prepared(encoded, inputs)
 
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
         inputs = dict(batch.inputs)
@@ -146,8 +143,7 @@ class LlavaNextVideoAdapter(VLMAdapter):
         """Right-pad the token rows; clips of one frame count stack into (B, T, 3, H, W), others (or text
         rows) concatenate into one (1, sum T) video whose tokens the model fills in row order, as
         ``_collate`` does for training."""
-        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        out: dict[str, Any] = self._token_rows([e["input_ids"][0].tolist() for e in encoded])
         pix = [e["pixel_values_videos"][0] for e in encoded if "pixel_values_videos" in e]
         if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
             out["pixel_values_videos"] = torch.stack(pix)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gasp_vlm.models.base import PreparedBatch, VLMAdapter, pad_sequences, text_only_layout
+from gasp_vlm.models.base import PreparedBatch, VLMAdapter, text_only_layout
 from gasp_vlm.models.layout import FrameTransform, TokenLayout
 from gasp_vlm.models.qwen import normalize_frames
 
@@ -190,9 +190,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return {"ids": ids, "labels": labels, "pixels": pix, "layout": layout}
 
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
-        ids, mask = pad_sequences([e["ids"] for e in encoded], self.tokenizer.pad_token_id)
-        labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        inputs: dict[str, Any] = self._token_rows([e["ids"] for e in encoded])
         pix = [e["pixels"] for e in encoded if e["pixels"] is not None]
         if len(pix) == len(encoded) and len({p.shape for p in pix}) == 1:
             inputs["pixel_values_videos"] = torch.stack(pix)  # (B, T, 3, S, S): the model's own batched path
@@ -201,8 +199,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
             # single concatenated clip would not give, so encode_visual_frozen embeds them one by one
             inputs["pixel_values_videos"] = torch.cat(pix)[None]
             inputs["video_frame_counts"] = [len(p) for p in pix]
-        has_answer = any(l != -100 for e in encoded for l in e["labels"])
-        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+        return self._prepared(encoded, inputs)
 
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -237,7 +234,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
                 parts, counts = [self.square_image(im) for im in images], [self.patches ** 2 + 1] * len(images)
             for k, n_tok in enumerate(counts):  # "<image> <image>\n": LLaVA's multi-image prompt
                 media += ([] if k == 0 else self._text(" ")) + [self.ids["image"]] * n_tok
-            out.update(pixel_values=parts, image_sizes=torch.tensor([im.shape[:2] for im in images]),
+            out.update(pixel_values=self._pad_views(parts), image_sizes=torch.tensor([im.shape[:2] for im in images]),
                        batch_num_images=[len(images)])
         if video:
             if media:
@@ -247,8 +244,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         ids, _ = self._chat_ids(media, request["prompt"], None)
         t = torch.tensor([ids])
         out.update(input_ids=t, attention_mask=torch.ones_like(t))
-        if images:
-            out["pixel_values"] = self._pad_views(out["pixel_values"])
         return out
 
     @staticmethod
@@ -264,8 +259,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
         clips = [e["pixel_values_videos"][0] for e in encoded if "pixel_values_videos" in e]
         if len({c.shape for c in clips}) > 1:  # one newline per clip: clips of one length stack, others do not
             return None
-        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        out: dict[str, Any] = self._token_rows([e["input_ids"][0].tolist() for e in encoded])
         imgs = [e for e in encoded if "pixel_values" in e]
         if imgs:
             out["pixel_values"] = self._pad_views([v for e in imgs for v in e["pixel_values"]])

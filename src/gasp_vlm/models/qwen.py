@@ -181,13 +181,12 @@ class QwenVLAdapter(VLMAdapter):
         return {"ids": ids, "labels": labels, "pixels": pix, "grids": grids, "mode": mode, "layout": layout}
 
     def _collate(self, encoded: list[dict]) -> PreparedBatch:
-        pad = self.tokenizer.pad_token_id
-        ids, mask = pad_sequences([e["ids"] for e in encoded], pad)
-        labels, _ = pad_sequences([e["labels"] for e in encoded], -100)
+        inputs: dict[str, Any] = self._token_rows([e["ids"] for e in encoded])
+        ids = inputs["input_ids"]
         type_ids = torch.zeros_like(ids)
         type_ids[ids == self.ids["image_pad"]] = 1
         type_ids[ids == self.ids["video_pad"]] = 2
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": type_ids}
+        inputs["mm_token_type_ids"] = type_ids
         visual = [e for e in encoded if e["pixels"] is not None]  # text-only samples add no pixels
         if visual:
             pixels = torch.cat([e["pixels"] for e in visual])
@@ -198,8 +197,7 @@ class QwenVLAdapter(VLMAdapter):
                 inputs.update(pixel_values_videos=pixels, video_grid_thw=grids)
                 if self.timed_video:
                     inputs["second_per_grid_ts"] = torch.ones(len(grids), dtype=torch.float32)
-        has_answer = any(l != -100 for e in encoded for l in e["labels"])
-        return PreparedBatch(inputs, [e["layout"] for e in encoded], labels if has_answer else None)
+        return self._prepared(encoded, inputs)
 
     def encode_visual_frozen(self, batch: PreparedBatch) -> dict:
         inputs = dict(batch.inputs)
@@ -257,9 +255,8 @@ class QwenVLAdapter(VLMAdapter):
     def _collate_generation(self, encoded: list[dict]) -> dict:
         """Right-pad the token rows; pixels and grids concatenate in request order (how Qwen's model reads a
         batch: the i-th image block of the batch takes the i-th grid)."""
-        ids, mask = pad_sequences([e["input_ids"][0].tolist() for e in encoded], self.tokenizer.pad_token_id)
-        type_ids, _ = pad_sequences([e["mm_token_type_ids"][0].tolist() for e in encoded], 0)
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": type_ids}
+        out: dict[str, Any] = self._token_rows([e["input_ids"][0].tolist() for e in encoded])
+        out["mm_token_type_ids"], _ = pad_sequences([e["mm_token_type_ids"][0].tolist() for e in encoded], 0)
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             parts = [e[key] for e in encoded if key in e]
             if parts:
