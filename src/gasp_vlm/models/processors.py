@@ -81,13 +81,17 @@ ONEVISION_CHAT_TEMPLATE = chatml_template(
     "'<image>' + (' ' if (loop.nextitem is defined and loop.nextitem['type'] == 'image') else '\\n')", "'<video>\\n'")
 
 
-
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _patch_json(path: Path, **fields: Any) -> None:
     _write_json(path, {**json.loads(path.read_text()), **fields})
+
+
+# what every exported video processor does to the frames it is given (callers pick the frames, as in training)
+VIDEO_STEPS = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "do_convert_rgb": True, "do_sample_frames": False}
 
 
 def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
@@ -98,6 +102,7 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
     proc_cls = adapter.processor_class
     if not proc_cls:
         raise ValueError(f"no processor export for family {family!r}: its adapter names no processor_class")
+    processor: dict | None = None
     if family.startswith("qwen"):
         from transformers import Qwen2VLImageProcessorPil
 
@@ -105,11 +110,8 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
                       temporal_patch_size=adapter.temporal, merge_size=adapter.merge,
                       image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
         Qwen2VLImageProcessorPil(**pixels).save_pretrained(out)
-        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
-        video = {**pixels, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": proc_cls,
-                 "size": {"shortest_edge": adapter.min_pixels, "longest_edge": adapter.max_pixels},
-                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "do_convert_rgb": True, "do_sample_frames": False}  # callers pick the frames, as in training
+        video = {**pixels, "video_processor_type": "Qwen2VLVideoProcessor",
+                 "size": {"shortest_edge": adapter.min_pixels, "longest_edge": adapter.max_pixels}}
         template = QWEN_CHAT_TEMPLATE
         if family == "qwen3_vl":  # its video processor reads the clip's fps for the timestamps
             video.update(video_processor_type="Qwen3VLVideoProcessor", fps=adapter.video_fps)
@@ -121,12 +123,8 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         pixels = dict(size=tile, image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
         GotOcr2ImageProcessorPil(**pixels, crop_to_patches=True, min_patches=adapter.min_tiles,
                                  max_patches=adapter.max_tiles).save_pretrained(out)
-        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
-        video = {**pixels, "video_processor_type": "InternVLVideoProcessor", "processor_class": proc_cls,
-                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
-        _write_json(out / "processor_config.json", {"processor_class": proc_cls,
-                                                    "image_seq_length": adapter.grid * adapter.grid})
+        video = {**pixels, "video_processor_type": "InternVLVideoProcessor", "resample": 3}
+        processor = {"image_seq_length": adapter.grid * adapter.grid}
         # InternVL's own system message; an image part is <IMG_CONTEXT>, which InternVLProcessor expands to
         # <img><IMG_CONTEXT> x N</img>; a video part is <video>, expanded to "Frame{i}: <img>...</img>" lines
         template = chatml_template(adapter.system_prompt, "'<IMG_CONTEXT>\\n'", "'<video>\\n'")
@@ -140,13 +138,9 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         pixels = dict(size={"height": adapter.size, "width": adapter.size}, image_mean=list(adapter.image_mean),
                       image_std=list(adapter.image_std))
         LlavaOnevisionImageProcessorPil(**pixels, image_grid_pinpoints=adapter.pinpoints).save_pretrained(out)
-        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
-        video = {**pixels, "video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": proc_cls,
-                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
-        _write_json(out / "processor_config.json", {
-            "processor_class": proc_cls, "num_image_tokens": adapter.patches ** 2, "vision_feature_select_strategy": "full",
-            "vision_aspect_ratio": f"anyres_max_{adapter.max_tiles}"})
+        video = {**pixels, "video_processor_type": "LlavaOnevisionVideoProcessor", "resample": 3}
+        processor = {"num_image_tokens": adapter.patches ** 2, "vision_feature_select_strategy": "full",
+                     "vision_aspect_ratio": f"anyres_max_{adapter.max_tiles}"}
         template = ONEVISION_CHAT_TEMPLATE
     else:
         from transformers import LlavaNextImageProcessorPil
@@ -155,20 +149,22 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         pixels = dict(size={"shortest_edge": adapter.crop}, crop_size=crop, do_center_crop=True,
                       image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
         LlavaNextImageProcessorPil(**pixels, image_grid_pinpoints=[[adapter.crop, adapter.crop]]).save_pretrained(out)
-        _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
-        video = {**pixels, "video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": proc_cls,
-                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "do_convert_rgb": True, "do_sample_frames": False, "resample": 3}
+        video = {**pixels, "video_processor_type": "LlavaNextVideoVideoProcessor", "resample": 3}
         template = LLAVA_CHAT_TEMPLATE
-    _write_json(out / "video_preprocessor_config.json", video)
+    files = ["preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
+             "generation_config.json"]
+    _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
+    _write_json(out / "video_preprocessor_config.json", {**video, **VIDEO_STEPS, "processor_class": proc_cls})
+    if processor is not None:  # processor-level settings (InternVL's tokens per tile, OneVision's AnyRes)
+        _write_json(out / "processor_config.json", {"processor_class": proc_cls, **processor})
+        files.append("processor_config.json")
     (out / "chat_template.jinja").write_text(template)
     # the tokenizer carries the template too (tokenizer.apply_chat_template without a processor)
     cfg_path = out / "tokenizer_config.json"
     if cfg_path.is_file():
         _patch_json(cfg_path, chat_template=template, processor_class=proc_cls)
     _write_generation_config(adapter, out)
-    return ["preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
-            "generation_config.json"]
+    return files
 
 
 def _write_generation_config(adapter, out: Path) -> None:
