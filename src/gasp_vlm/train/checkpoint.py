@@ -51,16 +51,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is (the message names the file and what to do)."""
 
 
-def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Tied weights share storage, which safetensors refuses: store independent contiguous copies.
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-
-
-def trainable_llm_state(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters of the HF model (full finetune), keyed by their HF names."""
-    return {n: p for n, p in hf_model.named_parameters() if p.requires_grad}
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -113,12 +103,14 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}"
     gm = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
+    sharded = is_sharded(gm)
 
     def fresh_tmp() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
-        (tmp / "shards").mkdir()
+        if sharded:
+            (tmp / "shards").mkdir()
 
     if main:
         fresh_tmp()
@@ -133,20 +125,13 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:  # partitioned optimizer state: every rank writes its shard
         accelerator.save_state(str(tmp / "engine"), exclude_frozen_parameters=True)  # never the frozen base
-    sharded = is_sharded(gm)
-    if sharded:  # FSDP2: every rank its own slices; the trainable weights gathered (collective, every rank)
+    if sharded:  # FSDP2: every rank its own slices
         save_rank_shard(gm, optimizer, tmp / "shards" / f"rank{accelerator.process_index}", accelerator.num_processes)
-        full = full_trainable_state(gm)
+    if sharded or writer:  # FSDP2 gathers the trainable weights: a collective, so every rank takes part
+        trained = full_trainable_state(gm)
     if writer:
         adapter = gm.adapter
-        if sharded:
-            _save_gathered(gm, full, tmp, cfg.finetune)
-        elif cfg.finetune == "lora":
-            gm.backbone.save_pretrained(str(tmp / "adapter"))
-        else:
-            save_file(_plain(trainable_llm_state(adapter.model)), str(tmp / "llm.safetensors"))
-        if gm.heads is not None and not sharded:
-            save_file(_plain(gm.heads.state_dict()), str(tmp / "heads.safetensors"))
+        _save_trainable(gm, trained, tmp, cfg.finetune)
         state = {"step": int(step), "scheduler": scheduler.state_dict()}
         if not deepspeed and not sharded:
             state["optimizer"] = optimizer.state_dict()
@@ -157,8 +142,6 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     accelerator.wait_for_everyone()
     if writer:
         (tmp / OWNER).unlink(missing_ok=True)
-        if not any((tmp / "shards").iterdir()):
-            (tmp / "shards").rmdir()
         if ckpt_dir.exists():  # re-saving the same step: swap the old one out first
             old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
             os.replace(ckpt_dir, old)
@@ -173,21 +156,16 @@ def save_checkpoint(ckpt_dir: str | Path, *, accelerator, model, optimizer, sche
     return ckpt_dir
 
 
-def _save_gathered(gm, full: dict[str, torch.Tensor], out: Path, finetune: str) -> None:
-    """FSDP2: the gathered trainable weights (GaspModel names) in the usual layout: the PEFT adapter
-    (peft's own key mapping and config file) or llm.safetensors, and heads.safetensors."""
+def _save_trainable(gm, full: dict[str, torch.Tensor], out: Path, finetune: str) -> None:
+    """The trainable weights (full tensors under their GaspModel names; gathered under FSDP2) in the
+    checkpoint layout: the PEFT adapter, llm.safetensors (HF names) for a full fine-tune, heads.safetensors."""
     backbone = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
-    if finetune == "lora":
-        from peft import get_peft_model_state_dict
-
-        (out / "adapter").mkdir()
-        save_file(_plain(get_peft_model_state_dict(gm.backbone, state_dict=backbone)),
-                  str(out / "adapter" / "adapter_model.safetensors"))
-        gm.backbone.peft_config["default"].save_pretrained(str(out / "adapter"))
+    if finetune == "lora":  # peft's own writer (its key mapping, config, model card) over these tensors
+        gm.backbone.save_pretrained(str(out / "adapter"), state_dict=backbone)
     else:
-        save_file(_plain(backbone), str(out / "llm.safetensors"))
+        save_file(backbone, str(out / "llm.safetensors"))
     if gm.heads is not None:
-        save_file(_plain({k.removeprefix("heads."): v for k, v in full.items() if k.startswith("heads.")}),
+        save_file({k.removeprefix("heads."): v for k, v in full.items() if k.startswith("heads.")},
                   str(out / "heads.safetensors"))
 
 

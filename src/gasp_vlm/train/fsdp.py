@@ -55,24 +55,31 @@ def _local(t: Any) -> Any:
 
 
 def full_trainable_state(gm: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter gathered to a full CPU tensor, keyed by its GaspModel name. Collective:
-    call on every rank (only trainable parameters travel: the LoRA / heads, never the frozen base)."""
+    """Every trainable parameter as its own contiguous CPU copy (safetensors-ready: no shared storage),
+    keyed by its GaspModel name; an FSDP2 parameter is gathered first, a collective: then call on every
+    rank (only trainable parameters travel: the LoRA / heads, never the frozen base)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in gm.named_parameters():
         if p.requires_grad:
             t = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
-            out[name] = t.to("cpu").clone()
+            out[name] = t.cpu().clone(memory_format=torch.contiguous_format)
     return out
+
+
+def _optimizer_names(gm: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """GaspModel names of the optimizer's parameters in its state-dict index order (saved by name, so a
+    shard does not depend on the order parameters were grouped in)."""
+    name_of = {id(p): n for n, p in gm.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def save_rank_shard(gm: nn.Module, optimizer: torch.optim.Optimizer, stem: Path, world: int) -> None:
     """This rank's slices of the trainable parameters and of their optimizer state -> ``stem``.{json,safetensors}."""
-    names = {id(p): n for n, p in gm.named_parameters()}
     params = {n: _local(p.detach()).cpu() for n, p in gm.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
-    by_index = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_index = _optimizer_names(gm, optimizer)
     state = {by_index[i]: {k: _local(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
              for i, s in opt["state"].items()}
     save_tree({"world": world, "params": params, "optim_state": state,
@@ -98,8 +105,7 @@ def load_rank_shard(gm: nn.Module, optimizer: torch.optim.Optimizer, stem: Path,
                                       shape=p.shape, stride=p.stride())
         return v
 
-    name_of = {id(p): n for n, p in named.items()}
-    index = {name_of[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    index = {n: i for i, n in enumerate(_optimizer_names(gm, optimizer))}
     state = {index[n]: {k: back(named[n], v) for k, v in s.items()} for n, s in tree["optim_state"].items()}
     groups = optimizer.state_dict()["param_groups"]
     for g, saved in zip(groups, tree["param_groups"]):
