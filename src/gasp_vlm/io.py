@@ -1,5 +1,6 @@
-"""Low-level file I/O shared by every layer: atomic text writes, and nested state (optimizer, scheduler,
-RNG) stored as safetensors + JSON instead of pickle, so reading a shared run folder never runs code.
+"""Low-level file I/O shared by every layer: atomic text writes, 16-bit PNG reads, and nested state
+(optimizer, scheduler, RNG) stored as safetensors + JSON instead of pickle, so reading a shared run folder
+never runs code.
 
 Tree encoding (``save_tree`` / ``load_tree``), written as ``<stem>.json`` + ``<stem>.safetensors``:
 tensors go to the safetensors file and appear in the JSON as ``{"__tensor__": key}``; tuples as
@@ -169,3 +170,24 @@ class atomic_directory:
             return
         shutil.rmtree(self.out, ignore_errors=True)
         os.replace(self.tmp, self.out)
+
+
+def read_png16(path: str | os.PathLike) -> np.ndarray:
+    """Raw (H, W) uint16 values of a 16-bit single-channel PNG (depth maps: scenes and dataset converters).
+    FileNotFoundError when missing; ValueError naming the problem (not the file: callers add it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise ValueError(f"expected a 16-bit single-channel PNG, got mode {im.mode!r}")
+            arr = np.array(im)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"unreadable PNG ({e})") from None
+    if arr.ndim != 2:
+        raise ValueError(f"expected (H, W), got shape {arr.shape}")
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+        raise ValueError("values outside the 16-bit range")
+    return arr.astype(np.uint16)

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from gasp_vlm.geometry.cameras import is_rotation
+from gasp_vlm.io import read_png16
 
 FORMAT = "gasp-scene/1"
 REQUIRED_META = ("format", "source", "depth_units")
@@ -220,20 +221,12 @@ def read_depth(scene_dir: Path, name: str, image_hw: tuple[int, int] | None, met
 
 
 def _read_png16(scene_dir: Path, file: str) -> np.ndarray:
-    from PIL import Image
-
     try:
-        with Image.open(scene_dir / file) as im:
-            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
-                _fail(scene_dir, file, f"expected a 16-bit single-channel PNG, got mode {im.mode!r}")
-            arr = np.array(im)
+        return read_png16(scene_dir / file).astype(np.float32)
     except FileNotFoundError:
         _fail(scene_dir, file, "missing file")
-    except OSError as e:
-        _fail(scene_dir, file, f"unreadable PNG ({e})")
-    if arr.ndim != 2:
-        _fail(scene_dir, file, f"expected (H, W), got shape {arr.shape}")
-    return arr.astype(np.float32)
+    except ValueError as e:
+        _fail(scene_dir, file, str(e))
 
 
 def read_objects(scene_dir: Path, name: str, hw: tuple[int, int]) -> np.ndarray:

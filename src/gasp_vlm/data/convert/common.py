@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from gasp_vlm.data.scene import SceneError
+from gasp_vlm.io import read_png16 as io_read_png16
 from gasp_vlm.geometry.cameras import scale_intrinsics
 
 DEPTH_EXTS = (".npy", ".png", ".geometric.bin")
@@ -55,19 +56,13 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_png16(path: Path) -> np.ndarray:
-    """Raw (H, W) uint16 values of a 16-bit single-channel PNG."""
+    """Raw (H, W) uint16 values of a 16-bit single-channel PNG (gasp_vlm.io.read_png16, ConvertError naming the file)."""
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
-                raise ConvertError(f"{path}: expected a 16-bit single-channel PNG, got mode {im.mode!r}")
-            arr = np.array(im)
+        return io_read_png16(path)
     except FileNotFoundError:
         raise ConvertError(f"{path}: missing depth file") from None
-    except OSError as e:
-        raise ConvertError(f"{path}: unreadable PNG ({e})") from None
-    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
-        raise ConvertError(f"{path}: values outside the 16-bit range")
-    return arr.astype(np.uint16)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from None
 
 
 def write_png16(path: Path, values: np.ndarray) -> None:
