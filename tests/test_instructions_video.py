@@ -80,6 +80,8 @@ def test_keyframe_seek_returns_the_keyframe_at_or_before_each_wanted_frame(clip)
     want = uniform_indices(90, 8)
     assert idx == [w // 8 * 8 for w in want]  # keyframes every 8 frames
     assert [frame_number(f) for f in frames] == idx
+    full = full_decode(clip)  # each keyframe decoded alone (decoder drained): a full decode's pixels
+    assert all(np.array_equal(f, full[i]) for f, i in zip(frames, idx))
 
 
 def test_frame_folders_images_and_bad_files(tmp_path, clip):
@@ -115,3 +117,98 @@ def test_missing_pyav_is_a_clear_error_not_bad_media(clip, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(ImportError, match="needs PyAV"):
         read_media(clip, "video", VideoOptions())
+
+
+def _count_decoded(monkeypatch):
+    """Count the frames the seeking decoder gets out of the decoder."""
+    import gasp_vlm.train.instructions.video as V
+
+    n, orig = [0], V._Seeker._frames
+
+    def frames(self):
+        for f in orig(self):
+            n[0] += 1
+            yield f
+
+    monkeypatch.setattr(V._Seeker, "_frames", frames)
+    return n
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libx265"])
+def test_skipping_non_reference_frames_keeps_the_pixels_of_a_full_decode(tmp_path, codec, monkeypatch):
+    """skip_frame=NONREF is set only while the decoder is fed frames before the wanted one: B-frames
+    nothing refers to are dropped, every returned frame (next to skipped ones, repeats, past the end)
+    equals a full decode's."""
+    av = pytest.importorskip("av")
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:
+        pytest.skip(f"PyAV without {codec}")
+    clip = write_clip(tmp_path / f"{codec}.mp4", 90, fps=10, gop=30, codec=codec)  # B-frames, keyframe every 30
+    full = full_decode(clip)
+    wanted = [2, 3, 11, 11, 17, 29, 30, 31, 58, 66, 88, 89]
+    n = _count_decoded(monkeypatch)
+    got = {}
+    for skip in (True, False):
+        n[0] = 0
+        frames, idx = decode_frames(clip, wanted, VideoOptions(max_pixels=None, skip_nonref=skip))
+        assert idx == wanted and [frame_number(f) for f in frames] == wanted
+        assert all(np.array_equal(f, full[i]) for f, i in zip(frames, idx)), skip
+        got[skip] = n[0]
+    assert got[True] < got[False]  # frames were really skipped
+    # a frame past the end (header over-reporting): the last frame, even when skipping dropped it at first
+    frames, idx = decode_frames(clip, [70, 95], VideoOptions(max_pixels=None))
+    assert idx == [70, 89] and np.array_equal(frames[1], full[89])
+
+
+def test_nearest_key_moves_frames_to_keyframes_within_the_tolerance(clip):
+    """Keyframes every 8 frames at 10 fps, tolerance 0.3 s = 3 frames: uniform [5, 16, 28, 39, 50, 61,
+    73, 84] -> the nearest keyframe where one is <= 3 frames away (ties at 4 stay), the pixels those
+    frames' in a full decode (the index of an mp4 with B-frames is in decode time: shifted to pts)."""
+    frames, idx = read_video(clip, VideoOptions(max_frames=8, seek="nearest_key", seek_tolerance_s=0.3,
+                                                max_pixels=None))
+    assert idx == [8, 16, 28, 40, 48, 64, 72, 84]
+    assert [frame_number(f) for f in frames] == idx
+    full = full_decode(clip)
+    assert all(np.array_equal(f, full[i]) for f, i in zip(frames, idx))
+    _, idx0 = read_video(clip, VideoOptions(max_frames=8, seek="nearest_key", seek_tolerance_s=0, max_pixels=None))
+    assert idx0 == uniform_indices(90, 8)
+    with pytest.raises(ValueError, match="exact | nearest_key | keyframe"):
+        VideoOptions(seek="nearest")
+
+
+def test_decoder_threads_give_the_same_pixels(clip):
+    wanted = [3, 9, 30, 47, 48, 89]
+    frames, idx = decode_frames(clip, wanted, VideoOptions(max_pixels=None, threads=3))
+    full = full_decode(clip)
+    assert idx == wanted and all(np.array_equal(f, full[i]) for f, i in zip(frames, idx))
+
+
+def test_benchmark_video_reports_cpu_wall_and_memory(clip):
+    from gasp_vlm.train.bench_instructions import benchmark_video
+
+    r = benchmark_video(clip, VideoOptions(max_frames=4), samples=1)
+    assert r["indices"] == uniform_indices(90, 4)
+    assert r["decode_cpu_s_per_sample"] > 0 and r["decode_s_per_sample"] > 0 and r["peak_rss_over_baseline_mib"] >= 0
+
+
+def test_matroska_cues_are_read_so_frames_are_sought_and_exact(clip, tmp_path, monkeypatch):
+    """A Matroska index (cues) is read by a first seek and holds presentation times: nearest_key lands
+    on keyframes and exact frames are sought instead of decoded from the start."""
+    import av
+
+    mkv = tmp_path / "c.mkv"
+    with av.open(str(clip)) as src, av.open(str(mkv), "w") as dst:
+        si = src.streams.video[0]
+        so = dst.add_stream_from_template(si)
+        for p in src.demux(si):
+            if p.dts is not None:
+                p.stream = so
+                dst.mux(p)
+    full = full_decode(mkv)
+    n = _count_decoded(monkeypatch)
+    frames, idx = decode_frames(mkv, [5, 85, 86], VideoOptions(max_pixels=None, skip_nonref=False))
+    assert idx == [5, 85, 86] and all(np.array_equal(f, full[i]) for f, i in zip(frames, idx))
+    assert n[0] < 30  # 0..5, then a seek to the keyframe at 80 (not on from 5: 87 frames)
+    frames, idx = read_video(mkv, VideoOptions(max_frames=8, seek="nearest_key", seek_tolerance_s=0.3, max_pixels=None))
+    assert idx == [8, 16, 28, 40, 48, 64, 72, 84] and all(np.array_equal(f, full[i]) for f, i in zip(frames, idx))

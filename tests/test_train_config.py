@@ -74,6 +74,8 @@ def test_variants_are_pure_config():
     ({}, ["optim.warmup_steps=-1"], "optim.warmup_steps"),
     ({}, ["gasp.tau=0"], "gasp.tau"),
     ({}, ["gasp.head_init=orthogonal"], "gasp.head_init"),
+    ({}, ["data.video_seek=nearest"], "data.video_seek"),
+    ({}, ["data.video_seek_tolerance_s=-1"], "data.video_seek_tolerance_s"),
     ({"model": 3}, [], "model"),
 ])
 def test_errors_name_the_key(data, overrides, key):
@@ -99,3 +101,13 @@ def test_save_load_roundtrip(tmp_path):
     cfg = config_from_dict({"data": {"geometry": ["toy"]}}, ["optim.lr=2e-4", "gasp.layers=[1, 2]"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_video_seek_modes_reach_the_decoder():
+    from gasp_vlm.train.stream import video_options
+
+    cfg = config_from_dict({"data": {"geometry": ["toy"]}},
+                           ["data.video_seek=nearest_key", "data.video_seek_tolerance_s=0.5"])
+    opts = video_options(cfg.data)
+    assert (opts.seek, opts.seek_tolerance_s) == ("nearest_key", 0.5)
+    assert video_options(config_from_dict({"data": {"geometry": ["toy"]}}).data).seek == "exact"

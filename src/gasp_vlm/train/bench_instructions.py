@@ -103,3 +103,32 @@ def benchmark_instructions(cfg: DataConfig, data: str | Path, model: str | None 
     if adapter is not None:
         out["encode_s_per_sample"] = {"median": med("encode_s"), "max": max(p["encode_s"] for p in per)}
     return out
+
+
+def _decode_one(path: str, opts) -> dict[str, Any]:
+    from gasp_vlm.train.instructions import read_video
+
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    frames, idx = read_video(path, opts)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    peak = r1.ru_maxrss * 1024
+    return {"decode_s": wall, "decode_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
+            "peak_rss_over_baseline_mib": max(0, peak - base) / 2 ** 20, "indices": idx}
+
+
+def benchmark_video(path: str | Path, opts, samples: int = 3) -> dict[str, Any]:
+    """Decode the frames ``opts`` choose from one video file ``samples`` times, each in a forked child
+    (as benchmark_instructions: wall and CPU seconds, peak RSS over the child's start); medians."""
+    if not hasattr(os, "fork"):
+        raise RuntimeError("bench video measures each decode in a forked process (Linux/macOS)")
+    import av  # noqa: F401  (the decoder's libraries belong to the baseline)
+
+    per = [_in_child(lambda: _decode_one(str(path), opts)) for _ in range(samples)]
+    med = lambda k: statistics.median(p[k] for p in per)  # noqa: E731
+    return {"decode_s_per_sample": med("decode_s"), "decode_cpu_s_per_sample": med("decode_cpu_s"),
+            "decode_cpu_s_max": max(p["decode_cpu_s"] for p in per),
+            "peak_rss_over_baseline_mib": med("peak_rss_over_baseline_mib"), "indices": per[0]["indices"]}

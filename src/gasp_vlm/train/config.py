@@ -102,7 +102,10 @@ class DataConfig:
     video_fps: float = 2.0
     video_min_frames: int = 4  # fps sampling only
     video_max_pixels: int | None = 448 * 448  # per decoded frame, aspect kept, resized while decoding
-    video_seek: str = "exact"  # exact frames | keyframe (nearest keyframe before each: much faster, approximate)
+    # exact frames | nearest_key (a frame within video_seek_tolerance_s of a keyframe moves to it, the rest
+    # exact: approximate) | keyframe (the keyframe at or before each: fastest, approximate)
+    video_seek: str = "exact"
+    video_seek_tolerance_s: float = 1.0
     decode_threads: int = 1  # decoder threads per loader process
     max_length: int | None = None  # instruction sample tokens; longer ones lose trailing turns (never visual tokens)
     max_bad_media_fraction: float = 0.01  # stop when more of the instruction samples tried so far are bad
@@ -171,7 +174,9 @@ class TrainConfig:
             (self.data.instruction_ratio == 0 or self.data.instructions, "data.instructions",
              "instruction_ratio > 0 needs an instruction JSON or mixture YAML"),
             (self.data.video_sampling in ("uniform", "fps"), "data.video_sampling", "must be uniform | fps"),
-            (self.data.video_seek in ("exact", "keyframe"), "data.video_seek", "must be exact | keyframe"),
+            (self.data.video_seek in ("exact", "nearest_key", "keyframe"), "data.video_seek",
+             "must be exact | nearest_key | keyframe"),
+            (self.data.video_seek_tolerance_s >= 0, "data.video_seek_tolerance_s", "must be >= 0"),
             (self.data.video_fps > 0, "data.video_fps", "must be > 0"),
             (self.data.instruction_frames >= 1 and self.data.video_min_frames >= 1, "data.instruction_frames",
              "instruction_frames and video_min_frames must be >= 1"),

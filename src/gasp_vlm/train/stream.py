@@ -196,6 +196,7 @@ def video_options(cfg: DataConfig):
 
     return VideoOptions(sampling=cfg.video_sampling, max_frames=cfg.instruction_frames, fps=cfg.video_fps,
                         min_frames=cfg.video_min_frames, max_pixels=cfg.video_max_pixels, seek=cfg.video_seek,
+                        seek_tolerance_s=cfg.video_seek_tolerance_s,
                         threads=cfg.decode_threads)
 
 

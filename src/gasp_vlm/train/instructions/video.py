@@ -3,9 +3,15 @@
 Videos are decoded with PyAV (optional: ``pip install 'gasp-vlm[video]'``) by seeking: for each wanted
 frame (in order) the decoder either continues forward, when the keyframe before that frame is not past
 the last decoded frame (seeking would decode the same frames again), or seeks to that keyframe (the
-container's index says where keyframes are). Each kept frame is converted to RGB and resized to the
-pixel budget by the decoder's scaler (``VideoFrame.reformat``) as it is decoded; no other frame is ever
-converted, so memory is bounded by the kept frames plus the decoder's reference frames.
+container's index says where keyframes are; an mp4 index is in decode time, shifted to display time).
+Each kept frame is converted to RGB and resized to the pixel budget by the decoder's scaler
+(``VideoFrame.reformat``) as it is decoded; no other frame is ever converted, so memory is bounded by
+the kept frames plus the decoder's reference frames. Exact frames cost every frame from the keyframe
+before each wanted one (the lower bound for a frame-exact decode) with two savings that keep every
+returned frame equal to a full decode's: H.264/HEVC frames that the bitstream marks as non-reference
+(most B-frames) are not decoded while the decoder is fed frames before the wanted one
+(``skip_frame = NONREF``; ``skip_nonref=False`` turns it off), and a wanted keyframe the decoder will
+not go on from is decoded alone (its packet, then a drain: none of the frames behind it).
 
 Frame selection (``VideoOptions.sampling``):
 - ``uniform``: n = max_frames indices at the centres of n equal segments, floor((i + 0.5)·T/n);
@@ -13,8 +19,13 @@ Frame selection (``VideoOptions.sampling``):
   even count as Qwen's temporal patch of 2 wants), at round(linspace(0, T-1, n)) -- the rule of
   qwen-vl-utils (FPS 2, at most FPS_MAX_FRAMES).
 
-``seek: keyframe`` trades exactness for speed: each wanted frame is replaced by the keyframe at or before
-it (one seek + one keyframe decode per frame; repeats possible); the indices returned say which.
+Approximate, faster seeking (the indices returned say which frames came out; their pixels are still
+a full decode's of those frames):
+- ``seek: nearest_key`` moves each wanted frame to the nearest keyframe (either side) when one is at
+  most ``seek_tolerance_s`` (1 s) away, else decodes it exactly: with keyframes every <= 2 s (most web
+  video) every frame moves, by at most the tolerance;
+- ``seek: keyframe`` replaces each wanted frame by the keyframe at or before it, however far (one seek
+  + one keyframe decode per frame; repeats possible).
 A frame folder is read as its sorted images (same index rule), an image file as a one-frame clip.
 Everything that makes a file unusable (missing, empty, undecodable, no frames) raises ``MediaError``.
 """
@@ -29,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# decoders whose skip_frame=NONREF drops only frames the bitstream marks as never used for prediction
+# (H.264 nal_ref_idc 0, HEVC sub-layer non-reference pictures)
+NONREF_SAFE_CODECS = ("h264", "hevc")
 
 
 class MediaError(RuntimeError):
@@ -42,16 +56,19 @@ class VideoOptions:
     fps: float = 2.0
     min_frames: int = 4  # fps sampling only
     max_pixels: int | None = 448 * 448  # per decoded frame, aspect kept (None: original size)
-    seek: str = "exact"  # exact | keyframe
-    threads: int = 1  # decoder threads (1: one core per loader process)
+    seek: str = "exact"  # exact | nearest_key | keyframe
+    threads: int = 1  # decoder threads (1: one core per loader process; > 1: slice threads, PyAV's default)
+    seek_tolerance_s: float = 1.0  # nearest_key: how far (seconds) a wanted frame may move to a keyframe
+    skip_nonref: bool = True  # exact frames: the decoder drops non-reference frames it never returns
 
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "fps"):
             raise ValueError(f"video sampling {self.sampling!r}: choose uniform | fps")
-        if self.seek not in ("exact", "keyframe"):
-            raise ValueError(f"video seek {self.seek!r}: choose exact | keyframe")
-        if self.max_frames < 1 or self.fps <= 0 or self.min_frames < 1:
-            raise ValueError("video options: max_frames and min_frames must be >= 1, fps > 0")
+        if self.seek not in ("exact", "nearest_key", "keyframe"):
+            raise ValueError(f"video seek {self.seek!r}: choose exact | nearest_key | keyframe")
+        if self.max_frames < 1 or self.fps <= 0 or self.min_frames < 1 or self.seek_tolerance_s < 0:
+            raise ValueError("video options: max_frames and min_frames must be >= 1, fps > 0, "
+                             "seek_tolerance_s >= 0")
 
 
 def uniform_indices(total: int, n: int) -> list[int]:
@@ -115,17 +132,47 @@ def _probe(stream, container) -> tuple[int, float]:
 class _Seeker:
     """Decode frames by index from one open stream (see the module docstring)."""
 
-    def __init__(self, container, stream, fps: float, size_hw: tuple[int, int]) -> None:
+    def __init__(self, container, stream, fps: float, size_hw: tuple[int, int], skip_nonref: bool = True) -> None:
         self.c, self.s, self.fps = container, stream, fps
         self.tb = float(stream.time_base)
         self.start = stream.start_time or 0
         self.h, self.w = size_hw
-        self.keys = [self._index(e.timestamp) for e in stream.index_entries if e.is_keyframe] \
-            if len(stream.index_entries) else []
+        self.keys = self._keyframes(container, stream)
         self.it = None
         self.cur = -1  # index of the last decoded frame
         self.last = None  # that frame
         self._pending = None
+        # skip non-reference frames before the wanted one (see _frames); only for codecs whose
+        # "non-reference" flag is the bitstream's own (no later frame can depend on a skipped one)
+        self.cc = stream.codec_context
+        self.can_skip = skip_nonref and self.cc.name in NONREF_SAFE_CODECS
+        self.skip_below = -1  # packets of frames before this index may be skipped when non-reference
+        self.skipped = False  # a frame was skipped since the last seek
+        self._skipping = False
+
+    def _keyframes(self, container, stream) -> list[int]:
+        """Frame indices of the keyframes in the container's index. An mp4/mov index holds decode time
+        stamps: with B-frames a keyframe is shown a fixed delay later, read from the first keyframe
+        packet (pts - dts; the decoder is positioned by a seek before any frame is decoded). Other
+        indexes (Matroska cues, read by a first seek) hold presentation time stamps. Only speed and where ``nearest_key``
+        moves a frame depend on these: every returned frame is decoded exactly."""
+        mov = "mov" in container.format.name.split(",")
+        if not mov:  # Matroska reads its cues at the first seek
+            try:
+                container.seek(self.start, stream=stream)
+            except _import_av().error.FFmpegError:
+                pass
+        if not len(stream.index_entries):
+            return []
+        shift = 0
+        if mov:
+            for n, packet in enumerate(container.demux(stream)):
+                if packet.is_keyframe and packet.pts is not None and packet.dts is not None:
+                    shift = packet.pts - packet.dts
+                    break
+                if n >= 32:
+                    break
+        return [self._index(e.timestamp + shift) for e in stream.index_entries if e.is_keyframe]
 
     def _index(self, pts: int) -> int:
         return int(round((pts - self.start) * self.tb * self.fps))
@@ -136,13 +183,28 @@ class _Seeker:
 
     def _seek(self, i: int) -> None:
         self.c.seek(self.start + int(i / self.fps / self.tb), stream=self.s, backward=True, any_frame=False)
-        self.it = self.c.decode(self.s)
-        self.cur, self.last, self._pending = -1, None, None
+        self.it = self._frames()
+        self.cur, self.last, self._pending, self.skipped = -1, None, None, False
+
+    def _frames(self):
+        """Decoded frames from the demuxer, packet by packet (what ``container.decode`` does), with the
+        decoder told to drop non-reference frames (``skip_frame = NONREF``) while it is given packets of
+        frames before ``skip_below``: those are never returned (wanted indices ascend) and no other frame
+        is predicted from them, so every frame that is decoded has the same pixels as in a full decode."""
+        for packet in self.c.demux(self.s):
+            if self.can_skip:
+                skip = packet.pts is not None and self._index(packet.pts) < self.skip_below
+                if skip != self._skipping:
+                    self.cc.skip_frame = "NONREF" if skip else "DEFAULT"
+                    self._skipping = skip
+                self.skipped |= skip
+            yield from self.cc.decode(packet)
 
     def _seek_at_or_before(self, i: int) -> None:
         """Seek so that the next decoded frame is at or before frame i. A container may seek by decode
         time stamps: with B-frames the keyframe after i can then be chosen; back off until it is not."""
         target, back = i, 1
+        self.skip_below = -1  # the first frame after a seek is looked at: decode it
         while True:
             self._seek(target)
             frame = self._next()
@@ -165,7 +227,26 @@ class _Seeker:
     def _rgb(self, frame) -> np.ndarray:
         return frame.reformat(width=self.w, height=self.h, format="rgb24", interpolation="AREA").to_ndarray()
 
-    def exact(self, i: int) -> tuple[np.ndarray, int]:
+    def _key_alone(self, i: int):
+        """Seek to the keyframe at or before frame i and decode its packet alone, then drain the
+        decoder: the keyframe comes out without the frames after it that the decoder's reordering
+        delay (B-frames) would otherwise decode first. The decoder must be sought again afterwards."""
+        self._seek(i)
+        self.it = None  # drained
+        if self._skipping:
+            self.cc.skip_frame, self._skipping = "DEFAULT", False
+        for packet in self.c.demux(self.s):
+            if packet.size and packet.is_keyframe:  # (frames of packets before one would not decode)
+                frames = [*self.cc.decode(packet), *self.cc.decode(None)]
+                if not frames or frames[0].pts is None:
+                    return None
+                self.cur, self.last = self._index(frames[0].pts), frames[0]
+                return frames[0]
+        return None
+
+    def exact(self, i: int, after: int | None = None) -> tuple[np.ndarray, int]:
+        """Frame i; ``after``: the next wanted index (None: none), so that a keyframe can be decoded
+        alone when the decoder will not go on from it."""
         if self.last is not None and self.cur == i:  # a repeated index
             return self._rgb(self.last), i
         key = self._key_before(i)
@@ -173,21 +254,48 @@ class _Seeker:
         # the gap is short); else seek there
         ahead = self.it is not None and self.cur < i and (key is None and i - self.cur <= 2 * self.fps
                                                          or key is not None and key <= self.cur)
+        if not ahead and key == i and (after is None or self._key_before(after) != i):
+            frame = self._key_alone(i)
+            if frame is not None and self.cur == i:
+                return self._rgb(frame), i
         if not ahead:
             self._seek_at_or_before(i)
+        self.skip_below = i
         while True:
             prev = self.last if self.cur >= 0 else None
             frame = self._next()
-            if frame is None:  # past the end (header over-reports frames): the last decoded one
+            if frame is None:  # past the end (header over-reports frames): the last frame
+                if self.skipped:  # it may have been skipped: decode the tail again, every frame
+                    self._seek_at_or_before(i)
+                    self.skip_below = -1
+                    continue
                 if prev is None:
                     raise MediaError(f"no frame decodes at or after index {i}")
                 return self._rgb(prev), self.cur
             if self.cur >= i:
                 return self._rgb(frame), self.cur
 
-    def keyframe(self, i: int) -> tuple[np.ndarray, int]:
-        self._seek(i)
-        frame = self._next()
+    def snap(self, wanted: list[int], tolerance: float) -> list[int]:
+        """Each wanted index moved to the nearest keyframe (either side, ties: the earlier) when one is
+        at most ``tolerance`` frames away, else kept. Still ascending: a frame between a wanted frame
+        and the keyframe it moved to is even nearer to that keyframe."""
+        if not self.keys:
+            return list(wanted)
+        out = []
+        for i in wanted:
+            j = bisect.bisect_right(self.keys, i)
+            near = [k for k in self.keys[max(0, j - 1): j + 1] if abs(k - i) <= tolerance]
+            out.append(min(near, key=lambda k: (abs(k - i), k)) if near else i)
+        return out
+
+    def keyframe(self, i: int, after: int | None = None) -> tuple[np.ndarray, int]:
+        key = self._key_before(i)
+        if key is not None and self.last is not None and key == self.cur:  # the same keyframe again
+            return self._rgb(self.last), self.cur
+        frame = self._key_alone(i)
+        if frame is None:  # no keyframe packet decodes alone: the first frame decoding gives
+            self._seek(i)
+            frame = self._next()
         if frame is None:
             raise MediaError(f"no frame decodes near index {i}")
         return self._rgb(frame), self.cur
@@ -212,11 +320,14 @@ def decode_frames(path: str | Path, indices: list[int] | None, opts: VideoOption
             wanted = choose_indices(total, fps, opts) if indices is None else list(indices)
             if any(b < a for a, b in zip(wanted, wanted[1:])):
                 raise ValueError(f"{path}: frame indices must be ascending, got {wanted}")
-            seeker = _Seeker(c, s, fps, fit_pixels(s.codec_context.height, s.codec_context.width, opts.max_pixels))
-            get = seeker.exact if opts.seek == "exact" else seeker.keyframe
+            seeker = _Seeker(c, s, fps, fit_pixels(s.codec_context.height, s.codec_context.width, opts.max_pixels),
+                             skip_nonref=opts.skip_nonref)
+            if opts.seek == "nearest_key":
+                wanted = seeker.snap(wanted, opts.seek_tolerance_s * fps)
+            get = seeker.keyframe if opts.seek == "keyframe" else seeker.exact
             frames, got = [], []
-            for i in wanted:
-                f, j = get(i)
+            for n, i in enumerate(wanted):
+                f, j = get(i, wanted[n + 1] if n + 1 < len(wanted) else None)
                 frames.append(f)
                 got.append(j)
             return frames, got
