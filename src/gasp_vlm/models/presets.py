@@ -122,7 +122,9 @@ def build_tiny_llava_next_video(seed: int = 0, overrides: dict | None = None, dt
     c = tok.convert_tokens_to_ids
     cfg = LlavaNextVideoConfig(text_config=text, vision_config=vision, image_token_index=c("<image>"),
                                video_token_index=c("<video>"), vision_feature_layer=-1,
-                               spatial_pool_stride=2, spatial_pool_mode="average")
+                               spatial_pool_stride=2, spatial_pool_mode="average",
+                               # the 7B's AnyRes grids (1x2, 2x1, 2x2, 3x1, 1x3 tiles) in this tower's 224 px tiles
+                               image_grid_pinpoints=[[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]])
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(cfg).to(dtype).eval()
     return model, tok

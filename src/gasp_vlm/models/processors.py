@@ -148,14 +148,20 @@ def write_processor_files(adapter, out_dir: str | Path) -> list[str]:
         crop = {"height": adapter.crop, "width": adapter.crop}
         pixels = dict(size={"shortest_edge": adapter.crop}, crop_size=crop, do_center_crop=True,
                       image_mean=list(adapter.image_mean), image_std=list(adapter.image_std))
-        LlavaNextImageProcessorPil(**pixels, image_grid_pinpoints=[[adapter.crop, adapter.crop]]).save_pretrained(out)
+        cfg = adapter.model.config
+        # AnyRes grids as the model's config has them: the model splits an image's tiles by the same list
+        LlavaNextImageProcessorPil(**pixels, image_grid_pinpoints=cfg.image_grid_pinpoints).save_pretrained(out)
         video = {**pixels, "video_processor_type": "LlavaNextVideoVideoProcessor", "resample": 3}
+        # LlavaNextVideoProcessor counts a clip's <video> tokens from these (without them it cannot expand
+        # a video prompt): CLIP patches, the 'default' strategy that drops the CLS token (+1 for images)
+        processor = {"patch_size": adapter.patch, "num_additional_image_tokens": 1,
+                     "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
         template = LLAVA_CHAT_TEMPLATE
     files = ["preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
              "generation_config.json"]
     _patch_json(out / "preprocessor_config.json", processor_class=proc_cls)
     _write_json(out / "video_preprocessor_config.json", {**video, **VIDEO_STEPS, "processor_class": proc_cls})
-    if processor is not None:  # processor-level settings (InternVL's tokens per tile, OneVision's AnyRes)
+    if processor is not None:  # processor-level settings (InternVL's tokens per tile, OneVision's AnyRes, LLaVA's patches)
         _write_json(out / "processor_config.json", {"processor_class": proc_cls, **processor})
         files.append("processor_config.json")
     (out / "chat_template.jinja").write_text(template)
