@@ -240,3 +240,32 @@ def test_data_parallel_resume_with_another_world_size_and_a_missing_rank(tmp_pat
     generated_now = sum(len(c) for c in gen.calls)
     assert 0 < generated_now < n  # ranks 0 and 1 of the earlier run are not redone
     assert len(_lines(out / "predictions.jsonl")) == n and not list(out.glob("predictions.rank-*"))
+
+
+def test_lmms_eval_profile_applies_lmms_eval_qwen_settings(tmp_path):
+    # lmms-eval lmms_eval/models/simple/qwen2_5_vl.py Qwen2_5_VL defaults reach every request of an
+    # lmms_eval profile: min/max_pixels on each image, max_num_frames as the frame count, all of it in run.json
+    gen = FakeGenerator(answer="``A``")
+    run_eval("mmsi", make_mmsi(tmp_path / "m"), gen, tmp_path / "out", profile="lmms_eval", limit=1, progress=False)
+    req = gen.calls[0][0]
+    assert (req["min_pixels"], req["max_pixels"]) == (200704, 1605632)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["pixels"] == {"min_pixels": 200704, "max_pixels": 1605632}
+    assert run["model_settings"]["max_num_frames"] == 32 and "frame_sampling" in run["model_settings"]
+    assert run["model_settings"]["system_prompt"] == "You are a helpful assistant."  # = the Qwen adapter's own
+    official = FakeGenerator(answer="``A``")
+    run_eval("mmsi", make_mmsi(tmp_path / "m"), official, tmp_path / "out2", limit=1, progress=False)
+    assert official.calls[0][0]["min_pixels"] == 1280 * 28 * 28  # official MMSI: its VLMEvalKit fork's sizing
+
+
+def test_lmms_eval_max_num_frames_sets_the_frame_count(tmp_path):
+    from gasp_vlm.bench import get_benchmark
+    from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL
+
+    vsi = get_benchmark("vsibench")
+    vsi.model_settings = {"lmms_eval": {**LMMS_EVAL_QWEN2_5_VL, "max_num_frames": 4}}  # this instance only
+    gen = FakeGenerator()
+    run_eval(vsi, make_vsibench(tmp_path / "vsi"), gen, tmp_path / "out", profile="lmms_eval", limit=1,
+             progress=False)
+    assert len(gen.calls[0][0]["video"]) == 4
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["frames"] == 4

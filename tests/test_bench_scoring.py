@@ -7,9 +7,10 @@ import pytest
 from gasp_vlm.bench import get_benchmark, score_samples
 from gasp_vlm.bench.blink import official_parse
 from gasp_vlm.bench.fixtures import make_all_angles, make_blink, make_mmsi, make_vsibench
-from gasp_vlm.bench.mcq import can_infer
-from gasp_vlm.bench.mmsi import canonical_category, extract_letter
+from gasp_vlm.bench.mcq import FORK_2025_04, PR1175, can_infer
+from gasp_vlm.bench.mmsi import canonical_category, extract_letter, split_options
 from gasp_vlm.bench.records import Sample
+from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL
 from gasp_vlm.bench.vsibench import MRA_THRESHOLDS, extract_number, mean_relative_accuracy
 
 
@@ -54,6 +55,27 @@ def test_vsi_numeric_official_vs_lmms_eval(raw, official, lmms):
 def test_extract_number_words():
     assert extract_number("twenty-one") == 21 and extract_number("Seven chairs") == 7
     assert extract_number("about 2.5 meters, maybe three") == 2.5 and extract_number("none") is None
+
+
+# lmms-eval lmms_eval/tasks/vsibench/utils.py extract_number (read on the 0.7.3 wheel; our function agreed
+# with it on 20,000 random strings): digits need a leading digit, so ".5" is read as 5 (not 0.5); a
+# number-word run skips "and" and ends at the first other word; hundred / thousand scale; whichever of
+# digits and words starts first wins
+@pytest.mark.parametrize("raw,value", [
+    (".5", 5.0), ("about .5 m", 5.0), ("three hundred", 300.0), ("two thousand five hundred", 2500.0),
+    ("one hundred twenty chairs", 120.0), ("twenty-one", 21.0), ("3 chairs, not four", 3.0), ("-2", -2.0),
+    ("three hundred and five", 305.0), ("three, four", 7.0), ("one apple, room 2", 1.0),
+    ("Someone saw 4", 4.0), ("hundred", 100.0), ("", None), ("no idea", None)])
+def test_extract_number_upstream_rules(raw, value):
+    assert extract_number(raw) == value
+
+
+def test_vsi_lmms_eval_scores_number_words_and_leading_dot():
+    three_hundred = _sample("vsibench", "300", "numeric", options=())
+    assert VSI.score(three_hundred, "three hundred chairs", "lmms_eval").score == 1.0
+    five = _sample("vsibench", "5", "numeric", options=())
+    assert VSI.score(five, ".5", "lmms_eval").score == 1.0  # read as 5
+    assert VSI.score(five, ".5", "official").score == 0.0   # official float(".5") = 0.5: |0.5-5|/5 = 0.9
 
 
 def test_vsi_aggregation_macro_over_tasks_with_rel_direction_rollup(tmp_path):
@@ -128,6 +150,30 @@ def test_blink_macro_vs_micro(tmp_path):
     assert vlmeval["overall"] == pytest.approx(62.5)  # VLMEvalKit's Overall is micro
 
 
+def test_blink_vlmevalkit_is_one_version_with_qwen_sizing():
+    # VLMEvalKit after PR #1175 throughout: Qwen2VLChat (Qwen2.5-VL config) decoding + image sizing, and
+    # matching_util.can_infer with the letter-near-the-end rule
+    assert BLINK.generation_config("vlmevalkit") == {"max_new_tokens": 2048, "do_sample": False}
+    assert BLINK.pixel_config("vlmevalkit") == {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
+    assert BLINK.pixel_config("official") is None
+    s = _sample("blink", "(A)")
+    r = BLINK.score(s, "(A) is correct since the camera moves left around the object", "vlmevalkit")
+    assert (r.parsed, r.judge_unavailable) == ("Z", True)  # letter is token 0 of 11; text too long (> 2 * 9)
+    assert BLINK.score(s, "The answer is (A)", "vlmevalkit").score == 1.0
+
+
+@pytest.mark.parametrize("name", ["vsibench", "blink", "mmsi"])
+def test_lmms_eval_profiles_carry_lmms_eval_qwen2_5_vl_defaults(name):
+    # lmms-eval lmms_eval/models/simple/qwen2_5_vl.py Qwen2_5_VL.__init__: min_pixels=256*28*28, max_pixels=1605632,
+    # max_num_frames=32, system_prompt="You are a helpful assistant."
+    b = get_benchmark(name)
+    cfg = b.model_config("lmms_eval")
+    assert cfg == LMMS_EVAL_QWEN2_5_VL and cfg["max_num_frames"] == 32
+    assert cfg["system_prompt"] == "You are a helpful assistant."
+    assert b.pixel_config("lmms_eval") == {"min_pixels": 200704, "max_pixels": 1605632}
+    assert b.model_config("official") is None
+
+
 # ---- All-Angles (VLMEvalKit can_infer) ------------------------------------------------------------------
 
 CH = {"A": "two", "B": "three", "C": "four"}
@@ -141,9 +187,31 @@ def test_can_infer(raw, expected):
     assert can_infer(raw, dict(CH)) == expected
 
 
-def test_can_infer_text_length_guard():
-    # longer than 2x the total option length (2 * 12 chars): no option-text guessing
-    assert can_infer("well, I would finally say three is right", dict(CH)) is None
+# open-compass/VLMEvalKit vlmeval/utils/matching_util.py can_infer_option / can_infer_text, two versions:
+# before PR #1175 (the All-Angles fork, Chenyu-Wang567/All-Angles-Bench VLMEvalkit/) there is no length limit
+# on the option-text match and a lone option letter counts anywhere; after PR #1175 the text match refuses
+# answers longer than 2x the total option length (here 2 * 12) and the letter must be among the last 5 tokens
+# (splits.index(ch) > len(splits) - 5).
+@pytest.mark.parametrize("raw,fork,pr1175", [
+    ("well, I would finally say three is right", "B", None),  # 41 chars > 24: only the fork reads "three"
+    ("B is correct because the views show the chair on the left side", "B", None),  # B is token 0 of 13
+    ("The answer is B", "B", "B"), ("three", "B", "B"), ("A", "A", "A"), ("A or B", None, None)])
+def test_can_infer_versions(raw, fork, pr1175):
+    assert can_infer(raw, dict(CH)) == fork  # default: the fork's (pre-#1175) rules
+    assert can_infer(raw, dict(CH), FORK_2025_04) == fork
+    assert can_infer(raw, dict(CH), PR1175) == pr1175
+
+
+def test_all_angles_official_is_the_fork_and_vlmevalkit_is_pr1175():
+    aa = get_benchmark("all_angles")
+    s = _sample("all_angles", "B", options=("two", "three", "four"))
+    long = "well, I would finally say three is right"
+    r = aa.score(s, long, "official")  # fork can_infer_text: no length limit -> "B"
+    assert (r.parsed, r.score, r.judge_unavailable) == ("B", 1.0, False)
+    r = aa.score(s, long, "vlmevalkit")  # PR #1175: too long for the text match -> judge -> "Z"
+    assert (r.parsed, r.score, r.judge_unavailable) == ("Z", 0.0, True)
+    assert aa.pixel_config("vlmevalkit") == aa.pixel_config("official") == {"min_pixels": 1003520,
+                                                                              "max_pixels": 12845056}
 
 
 def test_all_angles_micro_average(tmp_path):
@@ -184,6 +252,43 @@ def test_mmsi_profiles_and_en_dash(tmp_path):
     lm = mmsi.score(samples[0], "a", "lmms_eval")  # lmms-eval: case-insensitive, A-F
     assert lm.score == 1.0 and lm.parsed == "A"
     assert mmsi.score(samples[0], "a", "official").score == 0.0
+
+
+def test_mmsi_circular_all_four_rotations_must_be_right(tmp_path):
+    # InternRobotics/MMSI-Bench VLMEvalKit fork, vlmeval/dataset/mmsi_bench.py MMSIBenchCircular: orders
+    # ABCD/BCDA/CDAB/DABC, variant index = index + i * 10^6, circular hit = all variants right,
+    # vanilla = variant 0 (the headline stays vanilla)
+    mmsi = get_benchmark("mmsi")
+    samples = mmsi.load(make_mmsi(tmp_path / "mmsi"), split="circular")
+    assert len(samples) == 20 and [s.sample_id for s in samples[:4]] == ["0", "1000000", "2000000", "3000000"]
+    # gold A -> [A, D, C, B]; gold B -> [B, A, D, C]; gold C -> [C, B, A, D] (the answer follows its text)
+    assert [s.answer for s in samples[:12]] == list("ADCB" "BADC" "CBAD")
+    assert samples[1].question.endswith("\nOptions: A: front-right, B: behind, C: directly ahead, D: front-left")
+    preds = {s.sample_id: s.answer for s in samples[:12]}   # q0, q1, q2 all right ...
+    preds["3000001"] = "A"                                  # ... but q1's last rotation wrong (gold C)
+    preds.update({"3": "A", "1000003": "A", "2000003": "D", "3000003": "C"})  # q3: rotation 0 wrong (gold B)
+    res, _ = score_samples(mmsi, samples, preds)             # q4: unanswered
+    assert res["overall"] == res["vanilla_overall"] == pytest.approx(60.0)  # q0, q1, q2
+    assert res["circular_overall"] == pytest.approx(40.0)                   # q0, q2
+    assert res["circular_questions"] == 5
+    assert res["circular_categories"]["Positional Relationship (Cam.\u2013Obj.)"] == pytest.approx(50.0)
+    assert res["categories"]["Positional Relationship (Cam.\u2013Obj.)"] == pytest.approx(100.0)
+
+
+def test_mmsi_tsv_option_columns(tmp_path):
+    # VLMEvalKit / EASI TSV: options in columns A..D; a question without an "Options:" line gets the fork's
+    # "Options: A: x, B: y" line; a missing column (D) is no option; circular rotates the columns
+    mmsi = get_benchmark("mmsi")
+    tsv = tmp_path / "MMSI_bench.tsv"
+    tsv.write_text("index\timage\tquestion\tanswer\tcategory\tA\tB\tC\tD\n"
+                   "7\t[]\tWhich way?\tC\tMSR\tleft\tright\tup\t\n")
+    (s,) = mmsi.load(tsv)
+    assert s.options == ["left", "right", "up"] and s.option_labels == ["A", "B", "C"]
+    assert mmsi.render_prompt(s).startswith("Which way?\nOptions: A: left, B: right, C: up\nAnswer with")
+    rot = mmsi.load(tsv, split="circular")
+    assert rot[1].question == "Which way?\nOptions: A: right, B: up, D: left" and rot[1].answer == "B"
+    assert split_options("Q?\nOptions: A: 1.2 m, B: 2.0 m, C: 3 m, D: 0.8 m")[1] == {
+        "A": "1.2 m", "B": "2.0 m", "C": "3 m", "D": "0.8 m"}
 
 
 def test_unknown_profile_is_a_clear_error():

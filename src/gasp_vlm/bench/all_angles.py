@@ -13,7 +13,7 @@ import string
 from pathlib import Path
 from typing import Sequence
 
-from gasp_vlm.bench.mcq import can_infer
+from gasp_vlm.bench.mcq import FORK_2025_04, PR1175, can_infer
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import Benchmark, ScoreResult, micro_and_categories, register
 from gasp_vlm.bench.tables import (BenchmarkDataError, decode_b64_images, is_missing, read_json_rows, read_tsv_rows,
@@ -46,12 +46,15 @@ def _as_list(v, path: Path, idx) -> list[str]:
 class AllAnglesBench(Benchmark):
     name = "all_angles"
     aliases = ("all-angles", "all_angles_bench", "all-angles-bench", "allangles")
-    profiles = ("official",)
+    # official: the fork's own (pre-#1175) VLMEvalKit matching; vlmevalkit: the same pipeline scored with
+    # VLMEvalKit's matching after PR #1175 (letter near the end, no option-text match on long answers)
+    profiles = ("official", "vlmevalkit")
+    matching = {"official": FORK_2025_04, "vlmevalkit": PR1175}
     media_kind = "images"
     # the fork's Qwen2.5-VL settings: temperature 0.01 / top_p 0.001 / top_k 1 is greedy in effect
-    generation = {"official": {"max_new_tokens": 2048, "do_sample": False}}
+    generation = {p: {"max_new_tokens": 2048, "do_sample": False} for p in profiles}
     # VLMEvalKit Qwen2VLChat image sizing (small views are upscaled to >= 1280 visual tokens each)
-    pixels = {"official": {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}}
+    pixels = {p: {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28} for p in profiles}
 
     def resolve_file(self, root: str | Path) -> Path:
         root = Path(root)
@@ -113,7 +116,7 @@ class AllAnglesBench(Benchmark):
 
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
         choices = dict(zip(sample.option_labels, sample.options))
-        opt = can_infer(raw_output, choices)
+        opt = can_infer(raw_output, choices, self.matching[profile])
         if opt is None:  # VLMEvalKit would ask chatgpt-0125 here; offline it records "Z" (wrong)
             return ScoreResult("Z", 0.0, judge_unavailable=True)
         return ScoreResult(opt, 1.0 if opt == sample.answer else 0.0)

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from gasp_vlm.bench.mcq import can_infer
+from gasp_vlm.bench.mcq import PR1175, can_infer
 from gasp_vlm.bench.records import Media, Prediction, Sample
-from gasp_vlm.bench.registry import Benchmark, ScoreResult, per_key_means, register
+from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, per_key_means, register
 from gasp_vlm.bench.tables import BenchmarkDataError, parquet_cells, read_parquet_rows, require_fields
 
 SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
@@ -62,7 +62,14 @@ class BLINKBench(Benchmark):
     profiles = ("official", "lmms_eval", "vlmevalkit")
     media_kind = "images"
     # the official script queries GPT-4V at temperature 0 without a length cap; lmms-eval uses 1024
-    generation = {p: {"max_new_tokens": 1024, "do_sample": False} for p in profiles}
+    generation = {"official": {"max_new_tokens": 1024, "do_sample": False},
+                  "lmms_eval": {"max_new_tokens": 1024, "do_sample": False},
+                  # vlmevalkit is ONE version throughout: open-compass/VLMEvalKit main after PR #1175 (July 2025):
+                  # ImageMCQDataset.build_prompt, can_infer (mcq.PR1175), report_acc (micro), and the
+                  # Qwen2VLChat config of Qwen2.5-VL (2048 new tokens, top_k=1 greedy in effect, pixels below)
+                  "vlmevalkit": {"max_new_tokens": 2048, "do_sample": False}}
+    pixels = {"vlmevalkit": {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}}
+    model_settings = {"lmms_eval": LMMS_EVAL_QWEN2_5_VL}
 
     def files(self, root: str | Path, split: str = "val") -> list[Path]:
         root = Path(root)
@@ -122,7 +129,7 @@ class BLINKBench(Benchmark):
             letter = lmms_eval_letter(raw_output)
             return ScoreResult(letter, 1.0 if letter == gold.strip("()") else 0.0)
         if profile == "vlmevalkit":
-            opt = can_infer(raw_output, dict(zip(sample.option_labels, sample.options)))
+            opt = can_infer(raw_output, dict(zip(sample.option_labels, sample.options)), PR1175)
             if opt is None:
                 return ScoreResult("Z", 0.0, judge_unavailable=True)
             return ScoreResult(opt, 1.0 if opt == gold.strip("()") else 0.0)

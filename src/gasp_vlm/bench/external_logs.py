@@ -57,10 +57,31 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+def _content_index(samples: Sequence[Sample]) -> dict[tuple, str | None]:
+    """MVBench: (video stem, question, candidates) and (question, candidates) -> sample_id (None: ambiguous).
+    The stem, since lmms-eval's `video` revision may name a clip differently from the main branch."""
+    index: dict[tuple, str | None] = {}
+    for s in samples:
+        if s.benchmark != "mvbench":
+            continue
+        qc = (s.question, tuple(s.options))
+        for key in ((Path(str(s.meta["video"])).stem, *qc), qc):
+            index[key] = None if key in index else s.sample_id
+    return index
+
+
+def _match_content(index: dict[tuple, str | None], doc: dict) -> str | None:
+    qc = (str(doc.get("question")), tuple(str(c) for c in doc.get("candidates") or []))
+    return index.get((Path(str(doc.get("video"))).stem, *qc)) or index.get(qc)
+
+
 def read_lmms_eval_samples(path: str | Path, samples: Sequence[Sample], benchmark: str) -> list[dict]:
     """lmms-eval's per-sample log -> prediction records (sample_id, raw_output, prompt, source_doc_id)."""
     path = Path(path)
     known = {s.sample_id for s in samples}
+    # MVBench docs carry no id and lmms-eval logs each of its 20 tasks separately (doc_id restarts at 0 per
+    # task), so they are matched by content instead of by position
+    by_content = _content_index(samples)
     out, unknown = [], []
     for row in _rows(path):
         doc = row.get("doc") if isinstance(row.get("doc"), dict) else None
@@ -70,6 +91,14 @@ def read_lmms_eval_samples(path: str | Path, samples: Sequence[Sample], benchmar
             if sid is None and any(k in doc for k in ID_KEYS):
                 unknown.append(next(str(doc[k]) for k in ID_KEYS if k in doc))
                 continue
+            if sid is None and by_content and "candidates" in doc:
+                sid = _match_content(by_content, doc)
+                if sid is None:
+                    unknown.append(f"{doc.get('video')}: {doc.get('question')}")
+                    continue
+        if sid is None and by_content:  # a position means nothing across MVBench's per-task logs
+            raise BenchmarkDataError(f"{path}: an MVBench row without its `doc` (video, question, candidates) "
+                                     f"cannot be matched; log with lmms-eval --log_samples")
         if sid is None:
             i = row.get("doc_id")
             if not isinstance(i, int) or not 0 <= i < len(samples):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -242,10 +243,12 @@ def make_mmsi(root: str | Path, *, tsv: bool = False) -> Path:
 
         with (root / "MMSI_bench.tsv").open("w", newline="") as f:
             w = csv.writer(f, delimiter="\t")
-            w.writerow(["index", "image", "question", "answer", "category"])
+            # VLMEvalKit's TSV also carries the options as columns A..D (the question keeps them too)
+            w.writerow(["index", "image", "question", "answer", "category", "A", "B", "C", "D"])
             for r in rows:
+                opts = dict(re.findall(r"([A-D]): ([^,]+)", r["question"].split("Options:", 1)[1]))
                 w.writerow([r["id"], json.dumps([base64.b64encode(b).decode() for b in r["images"]]), r["question"],
-                            r["answer"], r["question_type"]])
+                            r["answer"], r["question_type"], *(opts[c].strip() for c in "ABCD")])
     return root
 
 
@@ -254,4 +257,8 @@ MAKERS = {"vsibench": make_vsibench, "all_angles": make_all_angles, "blink": mak
 
 def make_fixture(benchmark: str, root: str | Path) -> Path:
     """Write the synthetic copy of `benchmark` (registry name) under `root`."""
+    if benchmark in ("videomme", "mvbench"):  # general video QA fixtures live in fixtures_video (imports this module)
+        from gasp_vlm.bench.fixtures_video import MAKERS as VIDEO_MAKERS
+
+        return VIDEO_MAKERS[benchmark](root)
     return MAKERS[benchmark](root)

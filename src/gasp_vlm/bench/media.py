@@ -144,6 +144,6 @@ def check_media_exists(samples: Sequence[Sample]) -> None:
         if s.media.blobs is not None:
             continue
         for p in s.media.paths:
-            if not Path(p).is_file():
+            if not (Path(p).is_file() or (s.media.kind == "video" and Path(p).is_dir())):  # dir: frame folder
                 kind = "video" if s.media.kind == "video" else "image"
                 raise MediaError(f"{s.benchmark} sample {s.sample_id}: {kind} file not found: {p}")

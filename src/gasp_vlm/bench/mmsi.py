@@ -2,18 +2,24 @@
 
 Layout: ROOT/MMSI_Bench.parquet (`id`, `images` = list of JPEG bytes, `question_type`, `question` with
 the options embedded, `answer`, `thought`) or the VLMEvalKit ROOT/MMSI_bench.tsv (`index`, `image` =
-JSON list of base64, `question`, `answer`, `category`).
+JSON list of base64, `question`, `answer`, `category`, and option columns `A`..`D` when present, as in the
+EASI / VLMEvalKit TSVs). split="circular" is the fork's MMSI_Bench_Circular: every question asked 4 times
+with its options rotated; results then carry `circular_*` fields (a question counts only if all 4
+rotations are right) next to the vanilla headline (rotation 0).
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
-from gasp_vlm.bench.records import Media, Sample
-from gasp_vlm.bench.registry import Benchmark, ScoreResult, register
-from gasp_vlm.bench.tables import (BenchmarkDataError, decode_b64_images, parquet_cells, read_parquet_rows,
-                                  read_tsv_rows, require_fields, tsv_row)
+from gasp_vlm.bench.records import Media, Prediction, Sample
+from gasp_vlm.bench.registry import (LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, micro_and_categories,
+                                     register)
+from gasp_vlm.bench.tables import (BenchmarkDataError, decode_b64_images, is_missing, parquet_cells,
+                                  read_parquet_rows, read_tsv_rows, require_fields, tsv_row)
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly. Enclose the option's letter within ``."
 CATEGORIES = tuple(f"Positional Relationship ({p})" for p in
@@ -21,6 +27,30 @@ CATEGORIES = tuple(f"Positional Relationship ({p})" for p in
     "Attribute (Meas.)", "Attribute (Appr.)", "Motion (Cam.)", "Motion (Obj.)", "MSR")
 _OFFICIAL_LETTER = re.compile(r"\b[A-D]\b(?!\s[a-zA-Z])")  # a lone capital, not the article in "A bike"
 _LMMS_LETTER = re.compile(r"\b[A-F]\b(?!\s[a-zA-Z])", re.IGNORECASE)
+OPTION_COLUMNS = "ABCD"
+# MMSIBenchCircular (InternRobotics/MMSI-Bench VLMEvalKit fork, vlmeval/dataset/mmsi_bench.py): the 4 orders
+# and the option pattern of its extract_options_from_question
+CIRCULAR_ORDERS = ("ABCD", "BCDA", "CDAB", "DABC")
+_OPTION_RE = re.compile(r"([A-D])\s*:\s*(.*?)(?=\s+[A-D]\s*:|,\s*[A-D]\s*:|$)")
+
+
+def split_options(question: str) -> tuple[str, dict[str, str]]:
+    """(question text, {letter: option}) as MMSIBenchCircular.extract_options_from_question reads them."""
+    parts = question.split("Options:", 1)
+    if len(parts) < 2:
+        return question.strip(), {}
+    return parts[0].strip(), {k: v.strip() for k, v in _OPTION_RE.findall(parts[1].strip())}
+
+
+def join_options(question_text: str, options: dict[str, str]) -> str:
+    """MMSIBenchCircular.build_question_with_options: the question with its (rotated) options line."""
+    return f"{question_text}\nOptions: " + ", ".join(f"{k}: {v}" for k, v in options.items())
+
+
+def rotate(options: dict[str, str], answer: str, order: str) -> tuple[dict[str, str], str]:
+    """One circular variant: new letter k takes old option order[i]; the answer follows its text."""
+    new = {k: options[o] for k, o in zip("ABCD", order) if o in options}
+    return new, ("ABCD"[order.index(answer)] if answer in order else answer)
 
 
 def canonical_category(name: str) -> str:
@@ -43,7 +73,9 @@ class MMSIBench(Benchmark):
     name = "mmsi"
     aliases = ("mmsi-bench", "mmsi_bench")
     profiles = ("official", "lmms_eval")
+    splits = ("test", "circular")
     media_kind = "images"
+    model_settings = {"lmms_eval": LMMS_EVAL_QWEN2_5_VL}  # lmms-eval's Qwen2.5-VL wrapper defaults
     generation = {"official": {"max_new_tokens": 2048, "do_sample": False},
                   "lmms_eval": {"max_new_tokens": 2048, "do_sample": False}}
     # VLMEvalKit Qwen2VLChat image sizing (small views are upscaled to >= 1280 visual tokens each)
@@ -64,6 +96,8 @@ class MMSIBench(Benchmark):
         raise BenchmarkDataError(f"MMSI-Bench: no MMSI_Bench.parquet (or MMSI_bench.tsv) in {root}")
 
     def load(self, root: str | Path, *, split: str | None = None, with_media: bool = False) -> list[Sample]:
+        if split not in (None, *self.splits):
+            raise BenchmarkDataError(f"MMSI-Bench: unknown split {split!r}; use test or circular")
         path = self.resolve_file(root)
         if path.suffix == ".tsv":
             rows = read_tsv_rows(path)
@@ -85,12 +119,30 @@ class MMSIBench(Benchmark):
                     blobs = list(r.get("images") or [])
                 if not blobs:
                     raise BenchmarkDataError(f"{path}: {id_key} {r[id_key]}: no images")
+            sid, question, answer = str(r[id_key]).strip(), str(r["question"]), str(r["answer"]).strip()
+            text, options = split_options(question)
+            columns = {c: str(r[c]).strip() for c in OPTION_COLUMNS if c in r and not is_missing(r[c])}
+            if columns:  # the TSV's own option columns win over the text parsed from the question
+                options = columns
             cat = canonical_category(str(r[cat_key]))
-            samples.append(Sample(
-                benchmark=self.name, sample_id=str(r[id_key]).strip(), split="test", category=cat, agg_group=cat,
-                answer_type="mc", question=str(r["question"]), options=[], option_labels=list("ABCD"),
-                answer=str(r["answer"]).strip(), media=Media("images", [], blobs),
-                meta={"file": str(path), "row": row}))
+            base = dict(benchmark=self.name, split=split or "test", category=cat, agg_group=cat, answer_type="mc",
+                        media=Media("images", [], blobs))
+            if split != "circular":
+                if columns and "Options:" not in question:  # a TSV that keeps options out of the question
+                    question = join_options(question.strip(), columns)
+                samples.append(Sample(sample_id=sid, question=question, options=list(options.values()),
+                                      option_labels=list(options) or list(OPTION_COLUMNS), answer=answer,
+                                      meta={"file": str(path), "row": row}, **base))
+                continue
+            if not options or answer not in options:
+                continue  # MMSIBenchCircular skips a question whose options or answer it cannot read
+            for i, order in enumerate(CIRCULAR_ORDERS):
+                opts, ans = rotate(options, answer, order)
+                # the fork numbers variant i as index + i * 10^6 and groups them by g_index
+                vid = str(int(sid) + i * 1_000_000) if sid.isdigit() else f"{sid}@{i}"
+                samples.append(Sample(sample_id=vid, question=join_options(text, opts), options=list(opts.values()),
+                                      option_labels=list(opts), answer=ans,
+                                      meta={"file": str(path), "row": row, "g_index": sid, "rotation": i}, **base))
         return samples
 
     def fetch_media(self, sample: Sample) -> list:
@@ -116,3 +168,24 @@ class MMSIBench(Benchmark):
         if letter is None:  # the official pipeline falls back to VLMEvalKit's LLM extraction here
             return ScoreResult(None, 0.0, judge_unavailable=True)
         return ScoreResult(letter, 1.0 if sample.answer.lower() == letter.lower()[0] else 0.0)
+
+    def aggregate(self, samples: Sequence[Sample], preds: Sequence[Prediction], profile: str = "official") -> dict:
+        if not any("rotation" in s.meta for s in samples):
+            return micro_and_categories(samples, preds)
+        # MMSIBenchCircular.evaluate: vanilla = the rotation-0 variant of each question (the headline);
+        # circular = a question is right only if every one of its variants is
+        first = [(s, p) for s, p in zip(samples, preds) if s.meta["rotation"] == 0]
+        out = micro_and_categories([s for s, _ in first], [p for _, p in first])
+        groups: dict[str, list[float]] = defaultdict(list)
+        cat_of: dict[str, str] = {}
+        for s, p in zip(samples, preds):
+            groups[s.meta["g_index"]].append(p.score)
+            cat_of.setdefault(s.meta["g_index"], s.category)
+        hits = {g: float(all(x == 1.0 for x in scores)) for g, scores in groups.items()}
+        by_cat: dict[str, list[float]] = defaultdict(list)
+        for g, h in hits.items():
+            by_cat[cat_of[g]].append(h)
+        out.update(circular_overall=100.0 * sum(hits.values()) / len(hits) if hits else 0.0,
+                   circular_categories={c: 100.0 * sum(v) / len(v) for c, v in by_cat.items()},
+                   circular_questions=len(hits), vanilla_overall=out["overall"])
+        return out

@@ -18,7 +18,20 @@ from gasp_vlm.bench.records import Prediction, Sample
 
 _REGISTRY: dict[str, type["Benchmark"]] = {}
 _ALIASES: dict[str, str] = {}
-_BUILTIN_MODULES = ("vsibench", "all_angles", "blink", "mmsi")
+
+# lmms-eval's Qwen2.5-VL defaults (EvolvingLMMs-Lab/lmms-eval lmms_eval/models/simple/qwen2_5_vl.py,
+# Qwen2_5_VL.__init__ / generate_until; models/chat/qwen2_5_vl.py inherits them): what every `lmms_eval`
+# profile feeds a Qwen2.5-VL model. min/max_pixels go to images and to each video frame.
+LMMS_EVAL_QWEN2_5_VL: dict[str, Any] = {
+    "harness": "lmms-eval qwen2_5_vl",
+    "min_pixels": 256 * 28 * 28,  # 200704
+    "max_pixels": 1605632,
+    "max_num_frames": 32,
+    "system_prompt": "You are a helpful assistant.",
+    "frame_sampling": "qwen_vl_utils.process_vision_info decodes the video at its default 2 fps (T frames), then "
+                      "np.linspace(0, T-1, max_num_frames, dtype=int), appending T-1 if absent",
+}
+_BUILTIN_MODULES = ("vsibench", "all_angles", "blink", "mmsi", "videomme", "mvbench")
 
 
 @dataclass
@@ -39,6 +52,10 @@ class Benchmark:
     generation: dict[str, dict[str, Any]] = {"official": {"max_new_tokens": 16, "do_sample": False}}
     # per-request image sizing the official pipeline fixes for Qwen-VL models (None: the model's default)
     pixels: dict[str, dict[str, int] | None] = {}
+    # model-side settings a profile's harness imposes (e.g. LMMS_EVAL_QWEN2_5_VL); the runner applies
+    # min/max_pixels and max_num_frames and records all of it in run.json. The system turn stays the
+    # adapter's own chat default (Qwen2.5-VL's is the same "You are a helpful assistant.")
+    model_settings: dict[str, dict[str, Any]] = {}
 
     # -- the four pieces ---------------------------------------------------------------------------
     def load(self, root: str | Path, *, split: str | None = None, with_media: bool = False) -> list[Sample]:
@@ -58,6 +75,12 @@ class Benchmark:
         """The sample's images in order, as encoded bytes or file paths (decoded by bench.media)."""
         return list(sample.media.blobs) if sample.media.blobs is not None else list(sample.media.paths)
 
+    def video_frames(self, sample: Sample, k: int, videos: Any) -> tuple[list, list[int], int]:
+        """K frames of a video-kind sample as (PIL frames, indices, total frames); `videos` is the run's
+        VideoFrameCache. Default: K uniform frames over the whole file. MVBench overrides it (time bounds,
+        frame folders)."""
+        return videos.read(sample.media.paths[0], k)
+
     # -- helpers -------------------------------------------------------------------------------------
     def check_profile(self, profile: str) -> str:
         if profile not in self.profiles:
@@ -69,7 +92,14 @@ class Benchmark:
 
     def pixel_config(self, profile: str = "official") -> dict[str, int] | None:
         px = self.pixels.get(profile)
+        if not px:  # a harness profile sizes images as that harness's model wrapper does
+            model = self.model_config(profile) or {}
+            px = {k: model[k] for k in ("min_pixels", "max_pixels") if k in model}
         return dict(px) if px else None
+
+    def model_config(self, profile: str = "official") -> dict[str, Any] | None:
+        cfg = self.model_settings.get(profile)
+        return dict(cfg) if cfg else None
 
     def __repr__(self) -> str:
         return f"<Benchmark {self.name}>"

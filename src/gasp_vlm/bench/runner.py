@@ -97,7 +97,7 @@ def _build_request(bench: Benchmark, sample: Sample, profile: str, frames: int |
     prompt = bench.render_prompt(sample, profile)
     if sample.media.kind == "video":
         try:
-            imgs, idx, _total = videos.read(sample.media.paths[0], frames or 32)
+            imgs, idx, _total = bench.video_frames(sample, frames or 32, videos)
         except MediaError as e:
             raise MediaError(f"{sample.benchmark} sample {sample.sample_id}: {e}") from None
         return {"prompt": prompt, "images": None, "video": imgs}, idx
@@ -249,16 +249,19 @@ def run_eval(benchmark: str | Benchmark, data_root: str | Path, generator: Gener
         samples = samples[:limit]
     if pixels == "official":
         pixels = bench.pixel_config(profile)
+    model_cfg = bench.model_config(profile) or {}  # a harness profile's model-side settings (lmms_eval)
     if bench.media_kind == "video":
-        frames = frames or getattr(bench, "default_frames", 32)
+        frames = frames or model_cfg.get("max_num_frames") or getattr(bench, "default_frames", 32)
     else:
         frames = None  # image benchmarks feed every view; no sampling
     config = {
         "benchmark": bench.name, "profile": profile, "split": split, "data": str(Path(data_root).resolve()),
         "model": model_name, "frames": frames,
-        "frame_sampling": "np.linspace(0, N-1, K, dtype=int) over all decoded frames" if frames else None,
+        "frame_sampling": getattr(bench, "frame_sampling", "np.linspace(0, N-1, K, dtype=int) over all decoded "
+                                  "frames") if frames else None,
         "generation": dict(generation if generation is not None else bench.generation_config(profile)),
-        "pixels": pixels, "model_info": model_info or describe_generator(generator),
+        "pixels": pixels, "model_settings": model_cfg or None,
+        "model_info": model_info or describe_generator(generator),
         "batch_size": batch_size, "limit": limit, "num_samples": len(samples), "versions": library_versions(),
     }
     _check_resume(out, config)

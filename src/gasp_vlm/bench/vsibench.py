@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from gasp_vlm.bench.records import Media, Prediction, Sample
-from gasp_vlm.bench.registry import Benchmark, ScoreResult, per_key_means, register
+from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, per_key_means, register
 from gasp_vlm.bench.tables import BenchmarkDataError, read_jsonl_rows, read_parquet_rows, require_fields
 
 MCA_TYPES = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard",
@@ -57,28 +57,55 @@ def to_float(s: str) -> float | None:
         return None
 
 
-# ---- lmms_eval profile: newer upstream takes the first number anywhere, number words included -------
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
-_WORD_VALUES = {w: i for i, w in enumerate(_UNITS)}
-_NUMBER_RE = re.compile(
-    r"(?P<num>-?\d+(?:\.\d+)?|-?\.\d+)"
-    r"|\b(?P<tens>" + "|".join(_TENS) + r")(?:[-\s](?P<unit>" + "|".join(_UNITS[1:10]) + r"))?\b"
-    r"|\b(?P<word>" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r")\b",
-    re.IGNORECASE)
+# ---- lmms_eval profile: lmms-eval's extract_number (lmms_eval/tasks/vsibench/utils.py, checked on the
+# lmms-eval 0.7.3 wheel that `make test-ecosystem` installs). Its rule, re-implemented:
+# - digits: the first `-?\d+(?:\.\d+)?` match, so ".5" reads as 5 (the dot is skipped) and "-.5" as 5;
+# - words: in the lower-cased text, the first letter run ([a-z]+) that is a number word starts a run; later
+#   letter runs extend it while they are number words, "and" is skipped, any other word ends it (so
+#   "twenty-one" -> 21, "three hundred and five" -> 305, "three, four" -> 7); hundred multiplies the
+#   current group, thousand closes it;
+# - whichever starts first in the text wins (a tie cannot happen: a digit is not a letter).
+_NUMBER_WORDS = {**{w: i for i, w in enumerate(
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])},
+    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+    "ninety": 90, "hundred": 100, "thousand": 1000}
+_DIGITS_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def extract_number(text: str) -> float | None:
-    m = _NUMBER_RE.search(text)
-    if m is None:
+def words_to_number(words: Sequence[str]) -> float:
+    """['three', 'hundred', 'five'] -> 305, ['twenty', 'one'] -> 21, ['two', 'thousand'] -> 2000."""
+    total = current = 0
+    for w in words:
+        v = _NUMBER_WORDS[w]
+        if v == 100:
+            current = max(current, 1) * 100  # a bare "hundred" is 100
+        elif v == 1000:
+            total += max(current, 1) * 1000
+            current = 0
+        else:
+            current += v
+    return float(total + current)
+
+
+def extract_number(text: str | None) -> float | None:
+    s = str(text).strip().lower() if text is not None else ""
+    if not s:
         return None
-    if m.group("num") is not None:
-        return float(m.group("num"))
-    if m.group("tens") is not None:
-        unit = m.group("unit")
-        return float(_TENS[m.group("tens").lower()] + (_WORD_VALUES[unit.lower()] if unit else 0))
-    return float(_WORD_VALUES[m.group("word").lower()])
+    start, run = None, []
+    for m in re.finditer(r"[a-z]+", s):
+        w = m.group(0)
+        if start is None:
+            if w in _NUMBER_WORDS:
+                start, run = m.start(), [w]
+        elif w in _NUMBER_WORDS:
+            run.append(w)
+        elif w != "and":
+            break
+    digits = _DIGITS_RE.search(s)
+    if digits is not None and (start is None or digits.start() < start):
+        return float(digits.group(0))
+    return words_to_number(run) if run else None
 
 
 def _option_label(opt: str, i: int) -> str:
@@ -95,6 +122,8 @@ class VSIBench(Benchmark):
     generation = {"official": {"max_new_tokens": 16, "do_sample": False},
                   "lmms_eval": {"max_new_tokens": 16, "do_sample": False}}
     default_frames = 32
+    # lmms-eval's Qwen2.5-VL wrapper settings (pixels, 32 frames, system turn) for the lmms_eval profile
+    model_settings = {"lmms_eval": LMMS_EVAL_QWEN2_5_VL}
 
     def resolve_file(self, root: str | Path, split: str | None = None) -> Path:
         root = Path(root)

@@ -12,7 +12,7 @@ import click
 
 from gasp_vlm.cli import main
 
-BENCH_HELP = "vsibench | all_angles | blink | mmsi"
+BENCH_HELP = "vsibench | all_angles | blink | mmsi | videomme | mvbench"
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
 @click.option("--model", "-m", default=None, help="Preset (e.g. tiny-qwen2.5-vl), HF directory or exported GASP model.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--limit", type=int, default=None, help="Only the first N samples.")
-@click.option("--frames", type=int, default=None, help="Video frames per sample (VSI default 32, uniform).")
+@click.option("--frames", type=int, default=None, help="Video frames per sample (VSI-Bench, Video-MME, MVBench: default 32, uniform).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Requests per generate call, as one left-padded batch (every family; tested equal to one by one).")
 @click.option("--max-new-tokens", type=int, default=None, help="Override the benchmark's official generation length.")
@@ -114,6 +114,9 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
               help="auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if visible, else cpu) | cpu | cuda[:i]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="vllm: a `gasp export` folder of Qwen2/2.5-VL served by vLLM (GPU; each --batch-size chunk is one "
+                   "vLLM generate call, so pass a large one, e.g. 256), with the HF path's prompts and frames.")
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None,
               metavar="BASE/results.json GASP/results.json", help="Compare two results files instead of running.")
 @click.option("--labels", default="base,gasp", show_default=True, help="Names of the two compared runs.")
@@ -121,7 +124,7 @@ def score(benchmark: str, data_root: Path, predictions: Path, out_dir: Path, pro
               "(profile, frames, decoding, pixels, frame mode, dtype) instead of refusing; flagged in compare.md.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_new_tokens, profile, split, min_pixels,
-          max_pixels, dtype, device, seed, compare, labels, allow_mismatch, no_progress) -> None:
+          max_pixels, dtype, device, seed, backend, compare, labels, allow_mismatch, no_progress) -> None:
     """Run a model on a benchmark (resumable), then score; or --compare two results.json files."""
     if compare:
         from gasp_vlm.bench.compare import compare_results
@@ -162,7 +165,13 @@ def eval_(benchmark, data_root, model, out_dir, limit, frames, batch_size, max_n
         rank, world, _ = launcher_rank()  # torchrun / accelerate launch: one shard of the samples per rank
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        generator = load_generator(model, generation, dtype=dtype, device=device, seed=seed)
+        if backend == "vllm":  # same requests, answered by vLLM (bench/vllm_backend.py)
+            from gasp_vlm.bench.vllm_backend import VLLMGenerator
+
+            generator = VLLMGenerator(model, generation, pixels, dtype="bfloat16" if dtype == "float32" and
+                                      device == "cpu" else dtype, seed=seed)
+        else:
+            generator = load_generator(model, generation, dtype=dtype, device=device, seed=seed)
         adapter = getattr(generator, "adapter", None)
         if (min_pixels is not None or max_pixels is not None) and adapter is not None \
                 and not hasattr(adapter, "max_pixels") and rank == 0:

@@ -107,7 +107,8 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
                  overrides: dict | None = None, trust_remote_code: bool = False, **adapter_kwargs) -> VLMAdapter:
     """A preset name, a local HF directory, or a hub id -> adapter (model in eval mode on ``device``).
 
-    Real checkpoints load with ``from_pretrained`` (safetensors only, no remote code unless asked).
+    Real checkpoints load with ``from_pretrained`` (safetensors only, no remote code unless asked);
+    ``device="meta"`` reads no weights (the tokenizer and pixel settings of a checkpoint served elsewhere).
     """
     dtype = _parse_dtype(dtype)
     name = str(name_or_path)
@@ -145,8 +146,12 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
 
     cls = ADAPTERS[family]
     model_cls = getattr(transformers, cls.hf_class)
-    model = model_cls.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
-                                      use_safetensors=True, trust_remote_code=trust_remote_code)
+    if str(device) == "meta":  # no weights read: tokenizer + pixel settings only (vLLM's request builder)
+        with torch.device("meta"):
+            model = model_cls._from_config(model_cls.config_class.from_pretrained(src), dtype=dtype)
+    else:
+        model = model_cls.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
+                                          use_safetensors=True, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     try:  # the full HF processor needs torchvision for video; gasp-vlm prepares pixels itself
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
