@@ -125,9 +125,15 @@ def test_blink_official_parser(raw, parsed, judge):
     assert r.score == (1.0 if parsed == "(A)" else 0.0)
 
 
-@pytest.mark.parametrize("raw,letter", [("A", "A"), ("A.", "A"), ("(A)", "A"), ("The answer is (B)", "T"),
-                                         ("three", "T"), ("", ""), ("b) right", "B")])
-def test_blink_lmms_eval_first_letter(raw, letter):
+# lmms-eval 0.7.3, lmms_eval/tasks/blink/utils.py, _extract_answer_letter (via blink_process_results, which
+# accepts only the question's own letters; here two options: A, B). Older lmms-eval read "The answer..." as "T".
+@pytest.mark.parametrize("raw,letter", [
+    ("A", "A"), ("A.", "A"), ("(A)", "A"), ("a", "A"), ("b) right", "B"), ("", ""), ("three", ""),
+    ("The answer is (B)", "B"), ("The correct answer is (B).", "B"), ("Answer: b", "B"),
+    ("I pick (C) not (B)", "B"),              # last "(X)" among the valid letters; C is not an option
+    ("I think the answer is C because", ""),  # C is not an option; nothing else qualifies
+    ("Both (A) and B", "A"), ("<think>B</think>\n(A)", "A")])
+def test_blink_lmms_eval_extract_answer_letter(raw, letter):
     r = BLINK.score(_sample("blink", "(A)"), raw, "lmms_eval")
     assert r.parsed == letter and r.score == (1.0 if letter == "A" else 0.0)
 
@@ -294,3 +300,19 @@ def test_mmsi_tsv_option_columns(tmp_path):
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="no profile 'nope'"):
         score_samples(VSI, [], {}, "nope")
+
+
+def test_lmms_eval_profiles_strip_reasoning_and_mmsi_prompt():
+    # lmms-eval 0.7.3, lmms_eval/evaluator.py, _process_document_results -> api/reasoning.py strip_reasoning_tags
+    # (CLI default tags <think>, <analysis>) runs before every process_results, and strips whitespace
+    mmsi, vsi = get_benchmark("mmsi"), get_benchmark("vsibench")
+    assert VSI.score(_sample("vsibench", "B"), " B", "lmms_eval").score == 1.0   # fuzzy_matching(" B") would be ""
+    assert VSI.score(_sample("vsibench", "B"), " B", "official").score == 0.0
+    assert vsi.score(_sample("vsibench", "3", "numeric"), "<think>5?</think> 3", "lmms_eval").score == 1.0
+    assert mmsi.score(_sample("mmsi", "B"), "<think>A</think>``B``", "lmms_eval").parsed == "B"
+    # lmms-eval 0.7.3, lmms_eval/tasks/mmsi_bench/utils.py, msr_doc_to_text: doc["question"].strip() + post_prompt
+    s = _sample("mmsi", "A")
+    s.question = "  Which? Options: A: x, B: y \n"
+    assert mmsi.render_prompt(s, "lmms_eval") == ("Which? Options: A: x, B: y\nAnswer with the option's letter "
+                                                  "from the given choices directly. Enclose the option's letter "
+                                                  "within ``.")

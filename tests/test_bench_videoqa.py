@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,17 +39,24 @@ def test_both_registered():
         assert bench.generation_config() == {"max_new_tokens": 16, "do_sample": False}
 
 
-# ---- Video-MME: lmms-eval tasks/videomme/utils.py extract_characters_regex --------------------------------
+# ---- Video-MME: lmms-eval 0.7.3, lmms_eval/tasks/videomme/utils.py, extract_characters_regex, which calls
+# lmms_eval/tasks/_task_utils/mcq_extract.py, extract_mcq_answer(s, choices=["A", "B", "C", "D"]) ------------------
 @pytest.mark.parametrize("out,parsed", [
     ("A", "A"), ("(B)", "B"), ("The answer is C.", "C"), ("", ""), ("C. Berries.", "C"),
     ("I'm sorry, I cannot determine that from the video.", ""),     # refusal: no capital A-D
     ("The best answer is D", "D"), ("  b  ", ""),                    # lower-case letters never match
-    ("Answer: C", "A"),               # upstream quirk: the "A" of "Answer" is the first capital A-D
-    ("Best answer: D", "B"),          # upstream quirk: missing commas glue two prefixes, "Best" gives B
-    ("this clip is about people playing a sport outside on a nice sunny day", ""),  # > 10 words, no A-D
+    ("Answer: C", "C"),               # 0.7.3: a standalone final letter ("end") outranks the "A" of "Answer"
+    ("Best answer: D", "D"),          # (older lmms-eval's prefix-stripping rule read these two as "A" and "B")
+    ("A and B are wrong, so D", "A"),  # "start" (rank 10) beats "end" (rank 9)
+    ("I choose C because A is wrong.", "A"),  # every letter after an answer phrase counts; the last one wins
+    ("(A) or (C)?", "C"), ("Cats", "C"),  # last "(X)"; fallback: any capital, even inside a word
+    ("<think>A</think> B", "B"),       # the evaluator strips reasoning tags first (only in score())
+    ("this clip is about people playing a sport outside on a nice sunny day", ""),
 ])
 def test_videomme_extract_characters_regex_golden(out, parsed):
-    assert extract_characters_regex(out) == parsed
+    from gasp_vlm.bench.lmms_eval_compat import strip_reasoning_tags
+
+    assert extract_characters_regex(strip_reasoning_tags(out)) == parsed
 
 
 def test_videomme_score_and_prompt(vmme_root):
@@ -111,7 +119,7 @@ def test_videomme_aggregation_by_hand(vmme_root):
     assert res["sub_categories"]["Animation"] == 50.0 and res["category_counts"]["OCR Problems"] == 1
 
 
-# ---- MVBench: lmms-eval tasks/mvbench/utils.py mcq_acc (its inner `process` on both sides) ------------------
+# ---- MVBench: lmms-eval 0.7.3, lmms_eval/tasks/mvbench/utils.py, mcq_acc (its inner `process` on both sides) --
 @pytest.mark.parametrize("out,parsed", [
     ("A", "A"), ("(B)", "B"), ("The answer is C.", "C"), ("", ""), ("B. walking", "B"), ("(C) running", "C"),
     ("a", "A"), ("A.", "A"), ("D)", "D"),
@@ -132,9 +140,11 @@ def test_mvbench_score_and_prompt(mvb_root):
     assert b.render_prompt(s) == ("Question:What happened after the person took the food?\nOption:\n"
                                   "(A) Ate the medicine.\n(B) Tidied up the blanket.\n"
                                   "(C) Put down the cup/glass/bottle.\n(D) Took the box.\n"
-                                  "Answer with the option's letter from the given choices directly.")
+                                  "Only give the best option.\n")
     assert b.render_prompt(ss["episodic_reasoning_0"]).endswith("(E) Nothing.\nOnly give the best option.\n")
+    # lmms-eval 0.7.3, lmms_eval/tasks/mvbench/mvbench_<task>.yaml: all 20 post_prompts are the same
     assert set(POST_PROMPTS) == set(TASKS) and len(TASKS) == 20
+    assert set(POST_PROMPTS.values()) == {"Only give the best option.\n"}
 
 
 def test_mvbench_loader(mvb_root):
@@ -151,6 +161,23 @@ def test_mvbench_loader(mvb_root):
     check_media_exists(ss)  # a frame folder counts as the video
     assert [s.sample_id for s in b.load(mvb_root, split="object_existence")] == ["object_existence_0"]
     assert len(b.load(mvb_root / "json" / "action_sequence.json")) == 2
+
+
+def test_mvbench_lmms_eval_video_revision_folders(tmp_path):
+    # lmms-eval 0.7.3, lmms_eval/tasks/mvbench/utils.py, DATA_LIST / mvbench_doc_to_visual: the `video` revision
+    # keeps pre-cut clips (e.g. star/Charades_segment); those are sampled whole, so no bound is applied
+    from gasp_vlm.bench.fixtures import tiny_mp4
+    from gasp_vlm.bench.mvbench import LMMS_EVAL_FOLDERS
+
+    root = make_mvbench(tmp_path / "m", videos=False)
+    assert LMMS_EVAL_FOLDERS["action_sequence"] == "star/Charades_segment" and len(LMMS_EVAL_FOLDERS) == 20
+    tiny_mp4(root / "star" / "Charades_segment" / "ZS9XR.mp4")
+    ss = {s.sample_id: s for s in get_benchmark("mvbench").load(root)}
+    s = ss["action_sequence_0"]
+    assert s.media.paths == [str(root / "star" / "Charades_segment" / "ZS9XR.mp4")] and "bound" not in s.meta
+    _, idx = build_request(get_benchmark("mvbench"), s, "official", 4, None, VideoFrameCache(0))
+    assert idx == [0, 2, 4, 7]  # uniform over the whole (pre-cut) clip
+    assert "bound" in ss["episodic_reasoning_0"].meta  # no tvqa/video_fps3_hq_segment here: main layout
 
 
 def test_mvbench_layout_errors(tmp_path):
@@ -204,10 +231,12 @@ def test_mvbench_aggregation_by_hand():
                       Media("video", ["v.mp4"]), {"task": task})
 
     ss = [smp(i, "action_sequence") for i in range(4)] + [smp(i, "moving_count") for i in range(2)]
-    raw = {"action_sequence_0": "A", "action_sequence_1": "B", "action_sequence_2": "",
+    # lmms-eval 0.7.3, lmms_eval/tasks/mvbench/utils.py, mvbench_aggregate_results: pred_answer == "" leaves the
+    # denominator; pred_answer is the response after the evaluator's strip_reasoning_tags (whitespace too)
+    raw = {"action_sequence_0": "A", "action_sequence_1": "B", "action_sequence_2": " <think>A</think>\n",
            "action_sequence_3": "(A)", "moving_count_0": "B"}  # moving_count_1 missing
     res, _ = score_samples(b, ss, raw)
-    # action_sequence: the empty answer leaves the denominator (upstream), 2/3; moving_count: missing = 0, 0/2
+    # action_sequence: the blank answer leaves the denominator (upstream), 2/3; moving_count: missing = 0, 0/2
     assert res["categories"] == {"action_sequence": pytest.approx(200 / 3), "moving_count": 0.0}
     assert res["overall"] == pytest.approx(100 / 3)  # unweighted mean of the tasks
     assert res["num_empty_excluded"] == 1 and res["num_missing"] == 1
@@ -221,16 +250,6 @@ def test_make_fixture_dispatches(tmp_path):
 
 
 # ---- `gasp eval` end to end with the tiny random preset (the pattern of test_bench_e2e.py) ------------------
-def _has_load_adapter() -> bool:
-    try:
-        import importlib
-
-        return hasattr(importlib.import_module("gasp_vlm.models"), "load_adapter")
-    except Exception:  # noqa: BLE001 - the model side may be mid-development
-        return False
-
-
-@pytest.mark.skipif(not _has_load_adapter(), reason="gasp_vlm.models.load_adapter not available")
 @pytest.mark.parametrize("bench,limit", [("videomme", 3), ("mvbench", 5)])
 def test_gasp_eval_end_to_end(tmp_path, bench, limit):
     from click.testing import CliRunner
@@ -239,11 +258,20 @@ def test_gasp_eval_end_to_end(tmp_path, bench, limit):
 
     root = make_fixture(bench, tmp_path / bench)
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["eval", "-b", bench, "--data", str(root), "--model", "tiny-qwen2.5-vl",
-                                  "--out", str(out), "--limit", str(limit), "--max-new-tokens", "3", "--frames", "4",
-                                  "--no-progress", "--min-pixels", str(56 * 56), "--max-pixels", str(112 * 112)])
-    assert r.exit_code == 0, r.output + repr(r.exception)
-    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+    def run(n: int, out_dir: Path, batch: int) -> list[dict]:
+        r = CliRunner().invoke(main, ["eval", "-b", bench, "--data", str(root), "--model", "tiny-qwen2.5-vl",
+                                      "--out", str(out_dir), "--limit", str(n), "--max-new-tokens", "3", "--frames",
+                                      "4", "--batch-size", str(batch), "--no-progress", "--min-pixels",
+                                      str(56 * 56), "--max-pixels", str(112 * 112)])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        return [json.loads(x) for x in (out_dir / "predictions.jsonl").read_text().splitlines()]
+
+    first = run(limit - 1, out, batch=2)  # batched (left-padded), then resumed for the last sample
+    preds = run(limit, out, batch=2)
+    assert preds[:-1] == first  # resume: the answered samples are kept, not regenerated
+    one_by_one = run(limit, tmp_path / "one", batch=1)
+    assert [p["raw_output"] for p in preds] == [p["raw_output"] for p in one_by_one]  # batching changes nothing
     b = get_benchmark(bench)
     samples = b.load(root)[:limit]
     assert [p["sample_id"] for p in preds] == [s.sample_id for s in samples]

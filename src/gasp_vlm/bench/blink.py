@@ -8,9 +8,11 @@ reported on its own besides the official "Total" (unweighted mean over the 14 su
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Sequence
 
+from gasp_vlm.bench.lmms_eval_compat import strip_reasoning_tags
 from gasp_vlm.bench.mcq import PR1175, can_infer
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, per_key_means, register
@@ -49,9 +51,26 @@ def official_parse(raw: str, n_choices: int) -> str | None:
     return next(iter(last)) if len(last) == 1 else next(iter(anywhere))
 
 
-def lmms_eval_letter(raw: str) -> str:
-    """lmms-eval's parser: the first letter after optional "(" / spaces ("The answer is (B)" -> "T")."""
-    m = re.match(r"[\(\s]*([A-Z])[\)\.\s]*", raw.strip(), flags=re.IGNORECASE)
+def lmms_eval_letter(raw: str, valid: str = string.ascii_uppercase) -> str:
+    """lmms-eval 0.7.3 blink/utils.py `_extract_answer_letter`, restricted to the `valid` letters ("" if none).
+
+    In order: a terse first line (<= 4 chars, e.g. "B", "(B)", "b.") -> that letter; else the LAST
+    "answer(s) [is] [:-] [(]X[)]" statement; else the last "(X)"; else a leading letter after "(" / spaces.
+    (Older lmms-eval took the first letter of the output, so "The answer is (B)" read as "T".)"""
+    text = raw.strip()
+    cls = re.escape(valid.upper())
+    first = text.split("\n", 1)[0].strip()
+    if len(first) <= 4:
+        m = re.match(rf"^\(?([{cls}])\)?[\.\s:,)]*$", first, flags=re.IGNORECASE)
+        if m:
+            return m.group(1).upper()
+    said = re.findall(rf"answers?(?:\s+is)?\s*[:\-]?\s*\(?([{cls}])\)?(?![A-Za-z])", text, flags=re.IGNORECASE)
+    if said:
+        return said[-1].upper()
+    paren = re.findall(rf"\(([{cls}])\)", text)  # case-sensitive, as upstream
+    if paren:
+        return paren[-1].upper()
+    m = re.match(rf"[\(\s]*([{cls}])[\)\.\s]*", text, flags=re.IGNORECASE)
     return m.group(1).upper() if m else ""
 
 
@@ -126,7 +145,9 @@ class BLINKBench(Benchmark):
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
         gold = sample.answer.strip()
         if profile == "lmms_eval":
-            letter = lmms_eval_letter(raw_output)
+            # blink_process_results: strip reasoning tags (evaluator), accept only this question's letters
+            valid = string.ascii_uppercase[:len(sample.options)] or string.ascii_uppercase
+            letter = lmms_eval_letter(strip_reasoning_tags(raw_output), valid)
             return ScoreResult(letter, 1.0 if letter == gold.strip("()") else 0.0)
         if profile == "vlmevalkit":
             opt = can_infer(raw_output, dict(zip(sample.option_labels, sample.options)), PR1175)

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from gasp_vlm.bench.lmms_eval_compat import strip_reasoning_tags
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import (LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, micro_and_categories,
                                      register)
@@ -157,11 +158,14 @@ class MMSIBench(Benchmark):
         return list(images)
 
     def render_prompt(self, sample: Sample, profile: str = "official") -> str:
+        if profile == "lmms_eval":  # lmms-eval 0.7.3 msr_doc_to_text: question.strip() + yaml post_prompt
+            return f"{sample.question.strip()}\n{POST_PROMPT}"
         return f"{sample.question}\n{POST_PROMPT}"
 
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
         if profile == "lmms_eval":
-            letter = extract_letter(raw_output, _LMMS_LETTER)
+            # lmms-eval 0.7.3 extract_single_choice_with_word_boundary, on the reasoning-stripped response
+            letter = extract_letter(strip_reasoning_tags(raw_output), _LMMS_LETTER)
             letter = letter.upper() if letter else None
             return ScoreResult(letter, 1.0 if letter and letter == sample.answer.upper() else 0.0)
         letter = extract_letter(raw_output)

@@ -6,11 +6,14 @@ ROOT/video/<prefix>/<video> with the per-task prefixes of the official loader (A
 `data_list`, reproduced in TASKS). Episodic reasoning is a folder of 3 fps frames (00001.jpg, ...); five tasks
 carry start/end bounds in seconds.
 
-Source: lmms-eval `lmms_eval/tasks/mvbench/utils.py` (mvbench_doc_to_text, mcq_acc, mvbench_process_results,
+Source: lmms-eval `lmms_eval/tasks/mvbench/utils.py` (0.7.3: mvbench_doc_to_text, mcq_acc, mvbench_process_results,
 mvbench_aggregate_results), `_default_template_yaml` (generation) and `mvbench_<task>.yaml` (post_prompt per
-task). lmms-eval reads the dataset's `video` revision, whose clips are already cut to the bounds; here the
-bounds are applied when sampling frames (K uniform frames within [start, end], index rule of the official
-`get_index` for the window ends). Headline: the mean of the 20 task accuracies (MVBench's "Avg").
+task; lmms-eval 0.7.3 gives all 20 POST_PROMPT). lmms-eval reads the dataset's `video`
+revision (folders LMMS_EVAL_FOLDERS), whose clips are already cut to the bounds: when those folders exist they
+are used and sampled whole, as lmms-eval does. Otherwise (main branch) the bounds are applied when sampling
+frames (K uniform frames within [start, end], index rule of the official `get_index` for the window ends).
+Headline: the mean of the 20 task accuracies (MVBench's "Avg"); lmms-eval 0.7.3 reports only the per-task
+scores (its `mvbench` group has no aggregate_metric_list), so this mean is taken on top of them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gasp_vlm.bench.lmms_eval_compat import strip_reasoning_tags
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import Benchmark, ScoreResult, register
 from gasp_vlm.bench.tables import BenchmarkDataError, read_json_rows, require_fields
@@ -54,13 +58,19 @@ REQUIRED = ("video", "question", "candidates", "answer")
 LAYOUT = ("expected the HF OpenGVLab/MVBench layout: ROOT/json/<task>.json (lists of {video, question, candidates, "
           "answer[, start, end]}) and media at ROOT/video/<prefix>/<video>, e.g. video/star/Charades_v1_480/X.mp4")
 
-# post_prompt of each lmms-eval mvbench_<task>.yaml (the versions read; they differ between tasks)
-_LETTER = "Answer with the option's letter from the given choices directly."
-_ONLY = "Only give the best option.\n"
-POST_PROMPTS = {t: _ONLY for t in ("action_antonym", "fine_grained_action", "object_existence", "moving_direction",
-                                   "action_localization", "character_order", "episodic_reasoning",
-                                   "counterfactual_inference")}
-POST_PROMPTS.update({t: _LETTER for t in TASKS if t not in POST_PROMPTS})
+# lmms-eval 0.7.3 mvbench_<task>.yaml: every one of the 20 tasks sets post_prompt "Only give the best option.\n"
+# (the snapshot this module was first written from gave 12 tasks "Answer with the option's letter ...")
+POST_PROMPT = "Only give the best option.\n"
+POST_PROMPTS = {t: POST_PROMPT for t in TASKS}
+# lmms-eval 0.7.3 DATA_LIST: where the dataset's `video` revision keeps each task's clips, already cut to the
+# question's [start, end] (episodic_reasoning as a video too: its yaml leaves mvbench_frames_doc_to_visual
+# commented out). The lmms-eval model wrapper then samples K frames uniformly over the whole clip.
+LMMS_EVAL_FOLDERS = {
+    "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
+    "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
+    "fine_grained_pose": "nturgbd_convert", "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+    "action_antonym": "ssv2_video_mp4"}
+LMMS_EVAL_FOLDERS.update({t: v[0] for t, v in TASKS.items() if t not in LMMS_EVAL_FOLDERS})
 
 
 # ---- mcq_acc, re-implemented rule for rule --------------------------------------------------------------
@@ -142,7 +152,8 @@ class MVBench(Benchmark):
     generation = {"official": {"max_new_tokens": 16, "do_sample": False}}  # _default_template_yaml, greedy
     default_frames = 32  # lmms-eval's video models (qwen2_5_vl, llava_onevision, llava_vid) default to 32
     frame_sampling = ("np.linspace(start, end, K, dtype=int) inside each question's [start, end] bound (window ends "
-                      "as the official get_index; frame folders at 3 fps, numbered from 1), else over all frames")
+                      "as the official get_index; frame folders at 3 fps, numbered from 1), else over all frames "
+                      "(lmms-eval's pre-cut `video`-revision clips, when present, are sampled whole)")
 
     def _task_files(self, root: Path) -> list[tuple[str, Path]]:
         if root.is_file():
@@ -170,11 +181,17 @@ class MVBench(Benchmark):
             if split in TASKS and task != split:
                 continue
             prefix, data_type, has_bound = TASKS[task]
-            media_dir = base / "video" / prefix
+            media_dir, bounded = base / "video" / prefix, has_bound
             if not media_dir.is_dir() and (base / "video" / "data0613" / prefix).is_dir():
-                media_dir = base / "video" / "data0613" / prefix  # the folder lmms-eval also tries
+                media_dir = base / "video" / "data0613" / prefix  # an older unzip layout of the main branch
+            seg = LMMS_EVAL_FOLDERS[task]
+            if seg != prefix:  # lmms-eval's `video` revision present: its pre-cut clips, sampled whole
+                for cand in (base / seg, base / "video" / seg):
+                    if cand.is_dir():
+                        media_dir, data_type, bounded = cand, "video", False
+                        break
             rows = read_json_rows(path)
-            require_fields(rows, REQUIRED + (("start", "end") if has_bound else ()), path)
+            require_fields(rows, REQUIRED + (("start", "end") if bounded else ()), path)
             for i, r in enumerate(rows):
                 cands = [str(c) for c in r["candidates"]]
                 if str(r["answer"]) not in cands:  # upstream would crash on a None letter
@@ -182,7 +199,7 @@ class MVBench(Benchmark):
                 letters = list(string.ascii_uppercase[:len(cands)])
                 meta: dict[str, Any] = {"task": task, "video": r["video"], "data_type": data_type,
                                         "answer_text": str(r["answer"])}
-                if has_bound:
+                if bounded:
                     meta["bound"] = [float(r["start"]), float(r["end"])]
                 samples.append(Sample(
                     benchmark=self.name, sample_id=f"{task}_{i}", split=split or "test", category=task,
@@ -197,7 +214,7 @@ class MVBench(Benchmark):
         return "Question:" + sample.question + "\nOption:\n" + opts + POST_PROMPTS[sample.category]
 
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
-        pred = mcq_process(raw_output)
+        pred = mcq_process(strip_reasoning_tags(raw_output))
         return ScoreResult(pred, 1.0 if pred == mcq_process(sample.answer) else 0.0)
 
     def video_frames(self, sample: Sample, k: int, videos: Any) -> tuple[list[Any], list[int], int]:
@@ -226,13 +243,16 @@ class MVBench(Benchmark):
 
     def aggregate(self, samples: Sequence[Sample], preds: Sequence[Prediction], profile: str = "official") -> dict:
         """mvbench_aggregate_results per task: accuracy over the answered questions (an empty output is left out
-        of the denominator, as upstream does); overall = unweighted mean of the task accuracies."""
+        of the denominator, as upstream does); overall = unweighted mean of the task accuracies (MVBench "Avg";
+        lmms-eval 0.7.3 computes no group score)."""
         per: dict[str, list[float]] = {}
         counts: dict[str, int] = {}
         empty = 0
         for s, p in zip(samples, preds):
             counts[s.category] = counts.get(s.category, 0) + 1
-            if p.raw_output == "":
+            # mvbench_aggregate_results skips pred_answer == "", the response after lmms-eval's
+            # reasoning-tag stripping (which also strips whitespace): a blank answer is left out too
+            if p.raw_output is not None and strip_reasoning_tags(p.raw_output) == "":
                 empty += 1
                 per.setdefault(s.category, [])
                 continue

@@ -5,18 +5,20 @@ domain, sub_category, url, videoID, question_id, task_type, question, options, a
 videos_chunked_*.zip at ROOT/data/<videoID>.mp4 (lmms-eval also accepts .MP4 / .mkv). `options` already
 carry their letters ("A. Apples."); `answer` is the letter.
 
-Source: lmms-eval `lmms_eval/tasks/videomme/utils.py` (videomme_doc_to_text, extract_characters_regex,
-videomme_process_results, videomme_aggregate_results) and `videomme.yaml` (default lmms_eval_specific_kwargs,
-generation_kwargs). The subtitle-free variant is the default; subtitles are not implemented.
-Headline: overall accuracy (micro over questions), plus short / medium / long.
+Source: lmms-eval 0.7.3 `lmms_eval/tasks/videomme/utils.py` (videomme_doc_to_text, extract_characters_regex ->
+`_task_utils/mcq_extract.extract_mcq_answer`, videomme_process_results, videomme_aggregate_results) and
+`videomme.yaml` (default lmms_eval_specific_kwargs, generation_kwargs); responses first go through lmms-eval's
+default reasoning-tag stripping (lmms_eval_compat). The subtitle-free variant is the default; subtitles are not
+implemented. Headline: overall accuracy (micro over questions; an unparsed answer counts as wrong), plus
+short / medium / long (lmms-eval only logs the breakdowns; its metric is the overall).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
+from gasp_vlm.bench.lmms_eval_compat import extract_mcq_answer, strip_reasoning_tags
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import Benchmark, ScoreResult, register
 from gasp_vlm.bench.tables import BenchmarkDataError, read_parquet_rows, require_fields
@@ -29,6 +31,7 @@ TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception
               "Action Reasoning", "Object Reasoning", "Information Synopsis")
 REQUIRED = ("duration", "domain", "sub_category", "videoID", "question_id", "task_type", "question", "options",
             "answer")
+CHOICES = ("A", "B", "C", "D")
 PARQUET = "videomme/test-00000-of-00001.parquet"
 LAYOUT = (f"expected the HF lmms-lab/Video-MME layout: ROOT/{PARQUET} (columns {', '.join(REQUIRED)}) "
           "and the videos at ROOT/data/<videoID>.mp4")
@@ -43,21 +46,14 @@ PAPER_PROMPT = ("Select the best answer to the following multiple-choice questio
                 "only the letter (A, B, C, or D) of the correct option.")
 PAPER_POST = "The best answer is:"
 
-# extract_characters_regex strips these; upstream forgets two commas, so Python concatenates the last four
-# into two strings that never occur ("Best answer: D" therefore parses as "B" from "Best"). Kept as is.
-ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                   "The best option is" "The correct option is", "Best answer:" "Best option:")
 
 
 def extract_characters_regex(s: str) -> str:
-    """lmms-eval's Video-MME parser: strip prefixes, then the first capital A-D anywhere ("" if none)."""
-    s = s.strip()
-    for prefix in ANSWER_PREFIXES:
-        s = s.replace(prefix, "")
-    if len(s.split()) > 10 and not re.search("[ABCD]", s):
-        return ""
-    m = re.search(r"[ABCD]", s)
-    return "" if m is None else m[0]
+    """lmms-eval 0.7.3's Video-MME parser: `extract_mcq_answer(s, choices=["A", "B", "C", "D"])`.
+
+    (Older lmms-eval releases stripped a few "The answer is" prefixes and took the first capital A-D anywhere;
+    that rule is gone upstream, and no release is pinned for it here, so it is not kept.)"""
+    return extract_mcq_answer(s, choices=CHOICES)
 
 
 def _video_path(data_dir: Path, video_id: str) -> Path:
@@ -127,7 +123,7 @@ class VideoMME(Benchmark):
         return f"{OPTION_PROMPT}\n{question}\n{POST_PROMPT}"
 
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
-        pred = extract_characters_regex(raw_output)
+        pred = extract_characters_regex(strip_reasoning_tags(raw_output))
         return ScoreResult(pred, 1.0 if pred.lower() == sample.answer.lower() else 0.0)
 
     def aggregate(self, samples: Sequence[Sample], preds: Sequence[Prediction], profile: str = "official") -> dict:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gasp_vlm.bench.lmms_eval_compat import strip_reasoning_tags
 from gasp_vlm.bench.records import Media, Prediction, Sample
 from gasp_vlm.bench.registry import LMMS_EVAL_QWEN2_5_VL, Benchmark, ScoreResult, per_key_means, register
 from gasp_vlm.bench.tables import BenchmarkDataError, read_jsonl_rows, read_parquet_rows, require_fields
@@ -175,6 +176,8 @@ class VSIBench(Benchmark):
         return "\n".join([PRE_PROMPT, sample.question, "Options:\n" + "\n".join(sample.options), MCA_POST_PROMPT])
 
     def score(self, sample: Sample, raw_output: str, profile: str = "official") -> ScoreResult:
+        if profile == "lmms_eval":  # lmms-eval 0.7.3's evaluator strips reasoning tags and whitespace first
+            raw_output = strip_reasoning_tags(raw_output)
         if sample.answer_type == "mc":  # both profiles: first word, case-insensitive exact match
             tok = first_word(raw_output)
             return ScoreResult(tok, 1.0 if tok.lower() == sample.answer.lower() else 0.0)
