@@ -47,7 +47,6 @@ PAPER_PROMPT = ("Select the best answer to the following multiple-choice questio
 PAPER_POST = "The best answer is:"
 
 
-
 def extract_characters_regex(s: str) -> str:
     """lmms-eval 0.7.3's Video-MME parser: `extract_mcq_answer(s, choices=["A", "B", "C", "D"])`.
 
