@@ -6,7 +6,6 @@ are written and resumed, run.json records the settings, results.json is produced
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -15,16 +14,6 @@ from click.testing import CliRunner
 from gasp_vlm.bench import get_benchmark
 from gasp_vlm.bench.fixtures import make_all_angles, make_blink, make_mmsi, make_vsibench
 from gasp_vlm.cli import main
-
-
-def _has_load_adapter() -> bool:
-    try:
-        return hasattr(importlib.import_module("gasp_vlm.models"), "load_adapter")
-    except Exception:  # noqa: BLE001 - the model side may be mid-development
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_load_adapter(), reason="gasp_vlm.models.load_adapter not available yet")
 
 MAKERS = {"vsibench": make_vsibench, "all_angles": make_all_angles, "blink": make_blink, "mmsi": make_mmsi}
 

@@ -129,6 +129,21 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         load_adapter("no-such-model")
 
 
+def test_an_incomplete_model_folder_is_refused_naming_what_is_missing(tmp_path):
+    """Without its image processor a folder would load at the family's default pixel settings (a base and its
+    GASP export scored differently); without a tokenizer transformers fails far from the cause."""
+    load_adapter("tiny-qwen2.5-vl", overrides=SMALL).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "gasp_adapter.json").unlink()  # a plain HF folder: model + tokenizer, no processor
+    with pytest.raises(ModelLoadError, match=r"m: no preprocessor_config\.json.*image processor cannot be found"):
+        load_adapter(tmp_path / "m")
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                         "image_std": [0.5] * 3}))
+    assert load_adapter(tmp_path / "m").image_mean == (0.5, 0.5, 0.5)  # complete now: its settings are used
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"m: no tokenizer \(tokenizer\.json"):
+        load_adapter(tmp_path / "m")
+
+
 def test_generate_returns_text_for_images_and_video():
     from PIL import Image
 

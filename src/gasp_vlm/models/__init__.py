@@ -92,6 +92,24 @@ def _check_processor(path: Path, cls: type[VLMAdapter], configs: dict[str, dict]
                                  f"(a processor from another model?)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a tokenizer
+MODEL_FOLDER = ("a Hugging Face model folder holds config.json, the weights (*.safetensors), the tokenizer "
+                "(tokenizer.json or tokenizer.model or vocab.json) and the image processor "
+                "(preprocessor_config.json); `gasp export` writes all of them")
+
+
+def _check_complete(path: Path, configs: dict[str, dict], saved: dict) -> None:
+    """Refuse a model folder whose tokenizer or image processor is missing, before any weight is read:
+    without the processor the pixel settings (normalisation, pixel budget) would silently fall back to the
+    family's defaults, so a base model and its GASP export could be scored at different settings."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); {MODEL_FOLDER}. Copy the "
+                             f"tokenizer files of the model it came from")
+    if "preprocessor_config.json" not in configs and not saved:  # gasp_adapter.json carries gasp's own settings
+        raise ModelLoadError(f"{path}: no preprocessor_config.json, so the model's image processor cannot be "
+                             f"found; {MODEL_FOLDER}. Copy it from the model it came from")
+
+
 def _preprocessor_settings(cls: type[VLMAdapter], configs: dict[str, dict]) -> dict:
     """Pixel settings a checkpoint's processor config fixes (mean/std, and what the family reads:
     Qwen's min/max pixels, InternVL's tile counts)."""
@@ -128,6 +146,7 @@ def load_adapter(name_or_path: str | Path, dtype: Any = torch.float32, device: s
         _check_processor(path, ADAPTERS[family], configs)
         note = path / "gasp_adapter.json"
         saved = json.loads(note.read_text()) if note.is_file() else {}
+        _check_complete(path, configs, saved)
         src = str(path)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
         from transformers import AutoConfig  # hub id: resolved from the local HF cache or the hub
