@@ -29,7 +29,7 @@ def uniform_frame_indices(num_frames: int, k: int) -> list[int]:
     return np.linspace(0, num_frames - 1, k, dtype=int).tolist()
 
 
-def _count_frames(path: Path) -> int:
+def count_frames(path: Path) -> int:
     import av
 
     with av.open(str(path)) as c:
@@ -38,6 +38,25 @@ def _count_frames(path: Path) -> int:
             return int(stream.frames)
         # container without a frame count: count video packets (one per frame for the codecs used here)
         return sum(1 for p in c.demux(stream) if p.size)
+
+
+def decode_at(path: str | Path, idx: Sequence[int]) -> tuple[dict[int, Image.Image], int, Image.Image | None]:
+    """Decode from the start up to max(idx), keeping only the frames at ``idx`` (memory: those frames).
+    Returns (RGB frame by index, frames decoded, the last decoded frame); an index past the real end (a header
+    that over-reports frames) is missing from the dict. PyAV errors propagate."""
+    import av
+
+    wanted, got, n, last = set(idx), {}, 0, None
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in c.decode(stream):
+            if n in wanted:
+                got[n] = frame.to_image().convert("RGB")
+            last, n = frame, n + 1
+            if n > max(idx):
+                break
+    return got, n, (last.to_image().convert("RGB") if last is not None else None)
 
 
 def read_video_frames(path: str | Path, k: int) -> tuple[list[Image.Image], list[int], int]:
@@ -52,25 +71,14 @@ def read_video_frames(path: str | Path, k: int) -> tuple[list[Image.Image], list
     if not path.is_file():
         raise MediaError(f"video not found: {path}")
     try:
-        total = _count_frames(path)
+        total = count_frames(path)
         for _attempt in range(2):
             idx = uniform_frame_indices(total, k)
-            wanted = set(idx)
-            got: dict[int, Image.Image] = {}
-            n = 0
-            with av.open(str(path)) as c:
-                stream = c.streams.video[0]
-                stream.thread_type = "AUTO"
-                for frame in c.decode(stream):
-                    if n in wanted:
-                        got[n] = frame.to_image().convert("RGB")
-                    n += 1
-                    if n > idx[-1]:
-                        break
-            if all(i in got for i in wanted):
+            got, n, _ = decode_at(path, idx)
+            if all(i in got for i in idx):
                 return [got[i] for i in idx], idx, total
             total = n  # header over-reported the frame count: resample on what actually decodes
-        raise MediaError(f"{path}: could not decode frames {sorted(wanted - set(got))}")
+        raise MediaError(f"{path}: could not decode frames {sorted(set(idx) - set(got))}")
     except av.error.FFmpegError as e:  # type: ignore[attr-defined]
         raise MediaError(f"cannot decode video {path}: {e}") from None
 

@@ -117,30 +117,22 @@ def bounded_indices(n_frames: int, fps: float, bound: Sequence[float] | None, k:
 
 
 def _decode_at(path: Path, idx: list[int]) -> list[Any]:
-    import av
+    from gasp_vlm.bench.media import decode_at
 
-    wanted, got, last, n = set(idx), {}, None, 0
-    with av.open(str(path)) as c:
-        for frame in c.decode(c.streams.video[0]):
-            if n in wanted:
-                got[n] = frame.to_image().convert("RGB")
-            last, n = frame, n + 1
-            if n > max(idx):
-                break
-    if last is None:
+    got, _, tail = decode_at(path, idx)
+    if tail is None:
         raise ValueError("no decodable frames")
-    tail = last.to_image().convert("RGB")
     return [got.get(i, tail) for i in idx]  # a header that over-counts frames: repeat the last real one
 
 
 def _video_info(path: Path) -> tuple[int, float]:
     import av
 
-    from gasp_vlm.bench.media import _count_frames
+    from gasp_vlm.bench.media import count_frames
 
     with av.open(str(path)) as c:
         rate = c.streams.video[0].average_rate
-    return _count_frames(path), float(rate) if rate else 30.0
+    return count_frames(path), float(rate) if rate else 30.0
 
 
 @register
