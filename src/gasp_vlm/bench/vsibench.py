@@ -123,7 +123,7 @@ class VSIBench(Benchmark):
     generation = {"official": {"max_new_tokens": 16, "do_sample": False},
                   "lmms_eval": {"max_new_tokens": 16, "do_sample": False}}
     default_frames = 32
-    # lmms-eval's Qwen2.5-VL wrapper settings (pixels, 32 frames, system turn) for the lmms_eval profile
+    # lmms-eval's Qwen2.5-VL wrapper settings for the lmms_eval profile (pixels and 32 frames applied, all recorded)
     model_settings = {"lmms_eval": LMMS_EVAL_QWEN2_5_VL}
 
     def resolve_file(self, root: str | Path, split: str | None = None) -> Path:

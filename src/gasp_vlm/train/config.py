@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from gasp_vlm.method.gasp import GaspLossConfig
+from gasp_vlm.train.instructions.video import SAMPLINGS, SEEK_MODES
 from gasp_vlm.train.lora import LLM_LORA_PATTERN
 
 
@@ -173,9 +174,8 @@ class TrainConfig:
             (0.0 <= self.data.instruction_ratio <= 1.0, "data.instruction_ratio", "must be in [0, 1]"),
             (self.data.instruction_ratio == 0 or self.data.instructions, "data.instructions",
              "instruction_ratio > 0 needs an instruction JSON or mixture YAML"),
-            (self.data.video_sampling in ("uniform", "fps"), "data.video_sampling", "must be uniform | fps"),
-            (self.data.video_seek in ("exact", "nearest_key", "keyframe"), "data.video_seek",
-             "must be exact | nearest_key | keyframe"),
+            (self.data.video_sampling in SAMPLINGS, "data.video_sampling", f"must be {' | '.join(SAMPLINGS)}"),
+            (self.data.video_seek in SEEK_MODES, "data.video_seek", f"must be {' | '.join(SEEK_MODES)}"),
             (self.data.video_seek_tolerance_s >= 0, "data.video_seek_tolerance_s", "must be >= 0"),
             (self.data.video_fps > 0, "data.video_fps", "must be > 0"),
             (self.data.instruction_frames >= 1 and self.data.video_min_frames >= 1, "data.instruction_frames",

@@ -43,6 +43,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # decoders whose skip_frame=NONREF drops only frames the bitstream marks as never used for prediction
 # (H.264 nal_ref_idc 0, HEVC sub-layer non-reference pictures)
 NONREF_SAFE_CODECS = ("h264", "hevc")
+SAMPLINGS = ("uniform", "fps")  # how frame indices are chosen (module docstring); the config checks these too
+SEEK_MODES = ("exact", "nearest_key", "keyframe")
 
 
 class MediaError(RuntimeError):
@@ -62,10 +64,10 @@ class VideoOptions:
     skip_nonref: bool = True  # exact frames: the decoder drops non-reference frames it never returns
 
     def __post_init__(self) -> None:
-        if self.sampling not in ("uniform", "fps"):
-            raise ValueError(f"video sampling {self.sampling!r}: choose uniform | fps")
-        if self.seek not in ("exact", "nearest_key", "keyframe"):
-            raise ValueError(f"video seek {self.seek!r}: choose exact | nearest_key | keyframe")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"video sampling {self.sampling!r}: choose {' | '.join(SAMPLINGS)}")
+        if self.seek not in SEEK_MODES:
+            raise ValueError(f"video seek {self.seek!r}: choose {' | '.join(SEEK_MODES)}")
         if self.max_frames < 1 or self.fps <= 0 or self.min_frames < 1 or self.seek_tolerance_s < 0:
             raise ValueError("video options: max_frames and min_frames must be >= 1, fps > 0, "
                              "seek_tolerance_s >= 0")
