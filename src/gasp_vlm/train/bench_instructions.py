@@ -21,30 +21,49 @@ from typing import Any
 from gasp_vlm.train.config import DataConfig
 
 
+class _Meter:
+    """Wall and CPU seconds since it was made, and the peak RSS since then over the RSS at that moment."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.base = psutil.Process().memory_info().rss
+        self.r0, self.t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+
+    def seconds(self) -> tuple[float, float]:
+        """(wall, CPU) seconds so far."""
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter() - self.t0, (r1.ru_utime + r1.ru_stime) - (self.r0.ru_utime + self.r0.ru_stime)
+
+    def peak_over_baseline_mib(self) -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return max(0, peak - self.base) / 2 ** 20
+
+
 def _load_one(ds, pos: int, cfg: DataConfig, adapter) -> dict[str, Any]:
     from gasp_vlm.train.stream import prepare_conversations, robust_instruction_sample
 
-    import psutil
-
-    base = psutil.Process().memory_info().rss
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    meter = _Meter()
     item, bad = robust_instruction_sample(ds, pos, cfg.seed + 1000)
-    t_dec = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    t_dec, cpu_dec = meter.seconds()
     t_enc = None
     if adapter is not None:
         t1 = time.perf_counter()
         prepare_conversations(adapter, [item], max_length=cfg.max_length)
         t_enc = time.perf_counter() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"decode_s": t_dec, "decode_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-            "encode_s": t_enc, "peak_rss_over_baseline_mib": max(0, peak - base) / 2 ** 20,
+    return {"decode_s": t_dec, "decode_cpu_s": cpu_dec, "encode_s": t_enc,
+            "peak_rss_over_baseline_mib": meter.peak_over_baseline_mib(),
             "frames": len(item["frames"]), "frame_hw": list(item["frames"][0].shape[:2]) if item["frames"] else None,
             "media": item.get("media"), "bad_media": len(bad)}
 
 
-def _in_child(fn) -> dict:
-    """Run ``fn()`` in a forked child; return its JSON-able result (an exception becomes an error)."""
+def _in_child(fn, timeout_s: float = 600.0) -> dict:
+    """Run ``fn()`` in a forked child; return its JSON-able result (an exception becomes an error). A child
+    that has not answered after ``timeout_s`` (a fork of a threaded process can deadlock) is killed and
+    reported, so a benchmark never hangs."""
+    import select
+    import signal
+
     rd, wr = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -57,9 +76,20 @@ def _in_child(fn) -> dict:
             f.write(out)
         os._exit(0)
     os.close(wr)
+    chunks, deadline = [], time.monotonic() + timeout_s
     with os.fdopen(rd) as f:
-        text = f.read()
+        while True:
+            ready, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise RuntimeError(f"bench instructions: the measuring child process gave no answer in {timeout_s:g} s")
+            chunk = os.read(f.fileno(), 1 << 16).decode()
+            if not chunk:
+                break
+            chunks.append(chunk)
     os.waitpid(pid, 0)
+    text = "".join(chunks)
     res = json.loads(text) if text else {"error": "the child process died"}
     if "error" in res:
         raise RuntimeError(f"bench instructions: {res['error']}")
@@ -80,6 +110,10 @@ def benchmark_instructions(cfg: DataConfig, data: str | Path, model: str | None 
         import av  # noqa: F401
     except ImportError:
         pass
+    import psutil  # noqa: F401  (nothing is imported inside a forked child: see _in_child)
+
+    from gasp_vlm.train.stream import prepare_conversations, robust_instruction_sample  # noqa: F401
+
     cfg.instructions, cfg.instruction_ratio = str(data), 1.0
     ds = build_instructions(cfg)
     adapter = None
@@ -106,18 +140,13 @@ def benchmark_instructions(cfg: DataConfig, data: str | Path, model: str | None 
 
 
 def _decode_one(path: str, opts) -> dict[str, Any]:
-    from gasp_vlm.train.instructions import read_video
+    from gasp_vlm.train.instructions import read_video  # imported by the parent before it forks
 
-    import psutil
-
-    base = psutil.Process().memory_info().rss
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    frames, idx = read_video(path, opts)
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak = r1.ru_maxrss * 1024
-    return {"decode_s": wall, "decode_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-            "peak_rss_over_baseline_mib": max(0, peak - base) / 2 ** 20, "indices": idx}
+    meter = _Meter()
+    _, idx = read_video(path, opts)
+    wall, cpu = meter.seconds()
+    return {"decode_s": wall, "decode_cpu_s": cpu, "peak_rss_over_baseline_mib": meter.peak_over_baseline_mib(),
+            "indices": idx}
 
 
 def benchmark_video(path: str | Path, opts, samples: int = 3) -> dict[str, Any]:
@@ -126,6 +155,9 @@ def benchmark_video(path: str | Path, opts, samples: int = 3) -> dict[str, Any]:
     if not hasattr(os, "fork"):
         raise RuntimeError("bench video measures each decode in a forked process (Linux/macOS)")
     import av  # noqa: F401  (the decoder's libraries belong to the baseline)
+    import psutil  # noqa: F401  (nothing is imported inside a forked child: see _in_child)
+
+    from gasp_vlm.train.instructions import read_video  # noqa: F401
 
     per = [_in_child(lambda: _decode_one(str(path), opts)) for _ in range(samples)]
     med = lambda k: statistics.median(p[k] for p in per)  # noqa: E731
