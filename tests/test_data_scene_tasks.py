@@ -59,6 +59,31 @@ def test_answers_follow_from_the_scene(rooms):
     assert T.task_same_surface(sc, ids, rng)[1] == ("yes" if same else "no")
 
 
+def test_shared_texture_is_the_one_texture_both_rooms_show(rooms):
+    a, b = (load_scene(d) for d in sorted(rooms.iterdir()))
+
+    def textures(sc, f):  # recomputed from the object map: surfaces covering >= 5 % of the frame
+        obj = sc.objects(f)
+        tex = {o["id"]: o["texture"] for o in sc.meta["objects"]}
+        return {tex[i] for i in tex if (obj == i).mean() >= 0.05}
+
+    seen = {"one": 0, "none": 0, "several": 0}
+    for fa in range(a.num_frames):
+        for fb in range(b.num_frames):
+            shared = textures(a, fa) & textures(b, fb)
+            qa = T.task_shared_texture(a, fa, b, fb, np.random.default_rng(0))
+            if len(shared) > 1:
+                assert qa is None  # ill-posed: redrawn
+                seen["several"] += 1
+            else:
+                assert qa == ("Which texture appears in both images?", shared.pop() if shared else "none")
+                seen["one" if qa[1] != "none" else "none"] += 1
+    assert seen["one"]
+    # rooms without a common texture: "none"
+    b.meta = {**b.meta, "objects": [{**o, "texture": f"other_{o['texture']}"} for o in b.meta["objects"]]}
+    assert T.task_shared_texture(a, 0, b, 0, np.random.default_rng(0))[1] == "none"
+
+
 def test_closer_names_the_object_with_the_smaller_median_depth(rooms):
     for d in sorted(rooms.iterdir()):
         sc = load_scene(d)
@@ -81,8 +106,9 @@ def test_closer_names_the_object_with_the_smaller_median_depth(rooms):
 
 def test_task_set_is_read_by_the_trainers_instruction_loader(rooms, tmp_path):
     from gasp_vlm.train.instructions.dataset import InstructionSet as InstructionDataset
+    from gasp_vlm.train.instructions.video import uniform_indices
 
-    counts = {"count": 3, "presence": 3, "motion": 3, "same_surface": 2}
+    counts = {"count": 3, "presence": 3, "motion": 3, "same_surface": 2, "shared_texture": 3}
     path = T.make_task_set(rooms, tmp_path / "qa", counts, num_frames=3, clip_stride=3, seed=0)
     recs = T.load_task_set(path)
     assert sorted(r["task"] for r in recs) == sorted(t for t, n in counts.items() for _ in range(n))
@@ -90,12 +116,19 @@ def test_task_set_is_read_by_the_trainers_instruction_loader(rooms, tmp_path):
     for i, rec in enumerate(recs):
         s = ds.sample(i, num_frames=3)
         assert s["answer"] == rec["answer"] and "<" not in s["prompt"]
-        assert len(s["frames"]) == (1 if rec["task"] in T.FRAME_TASKS else 3)
+        want = 1 if rec["task"] in T.FRAME_TASKS else 2 if rec["task"] in T.PAIR_TASKS else 3
+        assert len(rec["frames"]) == want and len(s["frames"]) == (1 if want == 1 else 3)  # 2 frames: one twice
         # spatial records carry their closed answer set (the answer among them); general ones none
         assert (rec["answer"] in rec["choices"]) if rec["task"] in T.CLIP_TASKS else ("choices" not in rec)
-        # the frames on disk are the scene's frames named in the record
-        sc = load_scene(rooms / rec["scene"])
-        np.testing.assert_array_equal(s["frames"][0], sc.image(rec["frames"][0]))
+        # the frames on disk are the frames named in the record: a pair task's from two different rooms
+        names = rec["scene"].split("+") if rec["task"] in T.PAIR_TASKS else [rec["scene"]] * want
+        assert len(set(names)) == (2 if rec["task"] in T.PAIR_TASKS else 1)
+        for j, k in enumerate(uniform_indices(want, len(s["frames"]))):
+            np.testing.assert_array_equal(s["frames"][j], load_scene(rooms / names[k]).image(rec["frames"][k]))
+    # a task's draws do not depend on which other tasks the set holds
+    alone = T.load_task_set(T.make_task_set(rooms, tmp_path / "qa1", {"motion": 3}, num_frames=3, clip_stride=3,
+                                            seed=0))
+    assert [r["id"] for r in alone] == sorted(r["id"] for r in recs if r["task"] == "motion")
     # deterministic in the seed
     again = T.make_task_set(rooms, tmp_path / "qa2", counts, num_frames=3, clip_stride=3, seed=0)
     strip = lambda p: [{k: v for k, v in r.items()} for r in json.loads(p.read_text())]  # noqa: E731

@@ -2,9 +2,11 @@
 
 Two families, kept apart on purpose (issue 15: GASP's gains must come *without* 3D VQA data):
 
-- **general** (one frame, no geometry needed to answer): ``objects`` (list the visible objects),
+- **general** (no geometry needed to answer): one frame -- ``objects`` (list the visible objects),
   ``presence`` (is there a sphere?), ``texture`` (what texture does the floor have?), ``count`` (how many
-  objects in this image?). What a VLM's ordinary pre-training teaches.
+  objects in this image?) -- and two images of two *different* rooms, ``shared_texture`` (which texture
+  appears in both images?), the multi-image content comparison of a VLM's ordinary pre-training. Nothing
+  links the two rooms' views, so it teaches comparing content across frames without any 3D.
 - **spatial** (a clip of frames, the answer needs 3D or cross-view reasoning): ``motion`` (does the
   camera move left or right?), ``closer`` (which of two named objects is nearer in the first frame?),
   ``count_views`` (how many *different* objects appear across the frames: one seen twice counts once),
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,7 +40,7 @@ from gasp_vlm.data.scene import Scene, SceneError, list_scene_dirs, load_scene
 from gasp_vlm.geometry.cameras import camera_center
 from gasp_vlm.io import atomic_directory
 
-GENERAL_TASKS: tuple[str, ...] = ("objects", "presence", "texture", "count")
+GENERAL_TASKS: tuple[str, ...] = ("objects", "presence", "texture", "count", "shared_texture")
 SPATIAL_TASKS: tuple[str, ...] = ("motion", "closer", "count_views", "same_surface")
 SHAPES: tuple[str, ...] = ("box", "sphere", "cylinder")
 MIN_VISIBLE_FRACTION = 0.02  # an object counts as visible when it covers >= 2 % of the frame (~1.3 tokens)
@@ -174,6 +177,30 @@ def task_same_surface(scene: Scene, ids: Sequence[int], rng: np.random.Generator
             "yes" if a == b else "no", ["yes", "no"])
 
 
+# ------------------------------------------------------------------------------------------------
+# Pair tasks: two frames of two *different* rooms (multi-image, no geometry: nothing links the views)
+# ------------------------------------------------------------------------------------------------
+PAIR_MIN_FRACTION = 0.05  # a surface counts for "shared_texture" when it covers >= 5 % of its frame
+
+
+def visible_textures(scene: Scene, frame: int) -> set[str]:
+    """Textures of the surfaces (room faces and solids) covering PAIR_MIN_FRACTION of ``frame``."""
+    tex = {int(o["id"]): str(o.get("texture")) for o in scene.meta.get("objects", [])}
+    ids, counts = np.unique(scene.objects(frame), return_counts=True)
+    return {tex[int(i)] for i, c in zip(ids, counts) if int(i) in tex and c >= PAIR_MIN_FRACTION * counts.sum()}
+
+
+def task_shared_texture(a: Scene, fa: int, b: Scene, fb: int, rng: np.random.Generator) -> QA | None:
+    """Which texture shows in both images (two rooms)? "none" when no texture is shared; ill-posed (redrawn)
+    when several are."""
+    shared = visible_textures(a, fa) & visible_textures(b, fb)
+    if len(shared) > 1:
+        return None
+    return "Which texture appears in both images?", shared.pop() if shared else "none"
+
+
+PAIR_TASKS: dict[str, Callable[[Scene, int, Scene, int, np.random.Generator], QA | None]] = {
+    "shared_texture": task_shared_texture}
 FRAME_TASKS: dict[str, Callable[[Scene, int, np.random.Generator], QA | None]] = {
     "objects": task_objects, "presence": task_presence, "texture": task_texture, "count": task_count}
 CLIP_TASKS: dict[str, Callable[[Scene, Sequence[int], np.random.Generator], ClosedQA | None]] = {
@@ -188,12 +215,14 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
                   num_frames: int = 4, clip_stride: int = 2, seed: int = 0, max_tries: int = 20) -> Path:
     """Write ``tasks[name]`` samples of each task from the scenes under ``scenes_root``; returns tasks.json.
 
-    Frame tasks use one random frame; clip tasks ``num_frames`` frames ``clip_stride`` apart from a random
-    start (so the camera moves between the first and the last), in reverse order half of the time. A draw whose question is ill-posed (no
-    named object, ...) is redrawn up to ``max_tries`` times, then the sample is skipped."""
-    unknown = sorted(set(tasks) - set(FRAME_TASKS) - set(CLIP_TASKS))
+    Frame tasks use one random frame; pair tasks a random frame of each of two different rooms (a two-frame
+    clip); clip tasks ``num_frames`` frames ``clip_stride`` apart from a random start (so the camera moves
+    between the first and the last), in reverse order half of the time. A draw whose question is ill-posed
+    (no named object, ...) is redrawn up to ``max_tries`` times, then the sample is skipped."""
+    unknown = sorted(set(tasks) - set(FRAME_TASKS) - set(CLIP_TASKS) - set(PAIR_TASKS))
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {sorted(FRAME_TASKS) + sorted(CLIP_TASKS)}")
+        raise ValueError(f"unknown tasks {unknown}; choose from "
+                         f"{sorted(FRAME_TASKS) + sorted(CLIP_TASKS) + sorted(PAIR_TASKS)}")
     scenes = [load_scene(d) for d in list_scene_dirs(scenes_root)]
     if not scenes:
         raise SceneError(f"{scenes_root}: no scenes to build tasks from")
@@ -205,27 +234,28 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
     with atomic_directory(out_dir) as tmp:
         (tmp / "media").mkdir()
         records: list[dict] = []
-        for t_i, (task, count) in enumerate(sorted(tasks.items())):
-            rng = np.random.default_rng([seed, 23, t_i])
+        for task, count in sorted(tasks.items()):
+            rng = np.random.default_rng([seed, 23, zlib.crc32(task.encode())])  # a task's draws ignore the others
             for k in range(count):
                 rec = _draw(task, scenes, rng, num_frames, clip_stride, max_tries)
                 if rec is None:
                     continue
-                sc, frames, (q, a, *closed) = rec
+                views, (q, a, *closed) = rec
                 key = f"{task}_{k:04d}"
-                if len(frames) == 1:
+                if len(views) == 1:
                     media = {"image": f"media/{key}.png"}
-                    Image.fromarray(sc.image(frames[0])).save(tmp / media["image"])
+                    Image.fromarray(views[0][0].image(views[0][1])).save(tmp / media["image"])
                     tag = "<image>"
                 else:
                     media = {"video": f"media/{key}"}
                     (tmp / media["video"]).mkdir()
-                    for j, f in enumerate(frames):
+                    for j, (sc, f) in enumerate(views):
                         Image.fromarray(sc.image(f)).save(tmp / media["video"] / f"{j:03d}.png")
                     tag = "<video>"
-                records.append({"id": f"{key}-{sc.name}", "task": task, "answer": a,
-                                **({"choices": closed[0]} if closed else {}), "scene": sc.name,
-                                "frames": [int(f) for f in frames], **media,
+                name = "+".join(dict.fromkeys(sc.name for sc, _ in views))  # a pair task names both rooms
+                records.append({"id": f"{key}-{name}", "task": task, "answer": a,
+                                **({"choices": closed[0]} if closed else {}), "scene": name,
+                                "frames": [int(f) for _, f in views], **media,
                                 "conversations": [{"from": "human", "value": f"{tag}\n{q}"},
                                                   {"from": "gpt", "value": a}]})
         order = np.random.default_rng([seed, 29]).permutation(len(records))  # tasks interleaved
@@ -234,20 +264,29 @@ def make_task_set(scenes_root: str | os.PathLike, out_dir: str | os.PathLike, ta
 
 
 def _draw(task: str, scenes: list[Scene], rng: np.random.Generator, num_frames: int, stride: int,
-          max_tries: int) -> tuple[Scene, list[int], QA | ClosedQA] | None:
+          max_tries: int) -> tuple[list[tuple[Scene, int]], QA | ClosedQA] | None:
+    """(views, question): the (scene, frame) pairs shown, in order, and the question on them."""
     for _ in range(max_tries):
-        sc = scenes[int(rng.integers(0, len(scenes)))]
-        if task in FRAME_TASKS:
-            frames = [int(rng.integers(0, sc.num_frames))]
-            qa = FRAME_TASKS[task](sc, frames[0], rng)
+        i = int(rng.integers(0, len(scenes)))
+        sc = scenes[i]
+        if task in PAIR_TASKS:
+            if len(scenes) < 2:
+                raise SceneError(f"pair task {task!r} needs two scenes or more")
+            other = scenes[(i + int(rng.integers(1, len(scenes)))) % len(scenes)]  # any room but sc
+            views = [(sc, int(rng.integers(0, sc.num_frames))), (other, int(rng.integers(0, other.num_frames)))]
+            qa = PAIR_TASKS[task](sc, views[0][1], other, views[1][1], rng)
+        elif task in FRAME_TASKS:
+            views = [(sc, int(rng.integers(0, sc.num_frames)))]
+            qa = FRAME_TASKS[task](sc, views[0][1], rng)
         else:
             start = int(rng.integers(0, sc.num_frames - (num_frames - 1) * stride))
             frames = list(range(start, start + (num_frames - 1) * stride + 1, stride))
             if rng.integers(0, 2):  # played backwards half the time: the rooms' camera paths all turn one way
                 frames = frames[::-1]
+            views = [(sc, f) for f in frames]
             qa = CLIP_TASKS[task](sc, frames, rng)
         if qa is not None:
-            return sc, frames, qa
+            return views, qa
     return None
 
 

@@ -2,7 +2,7 @@
 
 0. ``data``: synthetic rooms (train / held-out seeds) and three question sets (demo/data.py);
 1. ``base``: a tiny random-initialised Qwen2.5-VL pretrained with the project's trainer on general
-   single-frame tasks plus a small share of spatial-format QA -- the "pretrained VLM" (demo/training.py);
+   tasks (single-frame, and a two-room image pair) plus a small share of spatial-format QA -- the "pretrained VLM" (demo/training.py);
 2. ``variants``: LoRA on that base, heads at 4x, three ways on identical data/steps/seeds with
    non-spatial instructions only -- LM-only control (λ = 0), GASP corr-only, GASP full;
 3. ``diagnose``: the paper's diagnostic (anchor = first frame, growing gaps, both directions) on

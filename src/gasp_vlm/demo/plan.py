@@ -37,7 +37,8 @@ class DemoPlan:
     scene_frames: int = 24  # rendered frames per scene
     size: int = 224  # square frames, 8x8 tokens of 28 px for Qwen
     camouflage_fraction: float = 0.34
-    # stage 0 (pretraining the base): general single-frame tasks + a small share of spatial-format QA
+    # stage 0 (pretraining the base): general tasks (one frame; a two-room image pair) + a small share of
+    # spatial-format QA
     base_general: int = 150  # samples per general task
     base_spatial: int = 30  # samples per spatial task (the format, as a real VLM's pre-training has)
     base_steps: int | None = None  # None: configs/demo_base.yaml's optim.max_steps

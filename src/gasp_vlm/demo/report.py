@@ -108,7 +108,8 @@ def report_markdown(report: dict) -> str:
     md = [
         "# GASP in miniature", "",
         f"A tiny `{report['base_preset']}` is first **pretrained** (stage 0: {report['base_steps']} LM-only steps of "
-        "general single-frame tasks -- listing objects, presence, texture, counting -- plus a small share of "
+        "general tasks -- listing objects, presence, texture, counting in one frame, the texture two rooms' "
+        "images share -- plus a small share of "
         "spatial-format QA) and then fine-tuned three ways with **LoRA** for "
         f"{report['steps']} steps on identical data: the LM-only control (λ = 0), GASP correspondence-only and GASP "
         "full, with **non-spatial** instructions only. Everything below is measured on "
@@ -169,8 +170,8 @@ def _reading(rows: dict[str, dict]) -> list[str]:
                    f"{_fmt(c['qa_overall'])} ({'+' if d >= 0 else ''}{d:.3f}; base {_fmt(b['qa_overall'])}).")
     if f["qk_peak_pck1"] < 0.70:
         out.append("The paper's >= 0.70 is measured on pretrained 7B VLMs whose attention already matches content; "
-                   "this base learned single-frame skills only, so cross-view q/k matching must be built by a LoRA "
-                   "within a CPU budget (README, *The miniature experiment*).")
+                   "this base had a short stage 0 on small general tasks, so cross-view q/k matching must be built "
+                   "by a LoRA within a CPU budget (README, *The miniature experiment*).")
     return [" ".join(out)]
 
 
