@@ -139,3 +139,17 @@ def test_demo_errors_are_clear(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "x"), "--set", "optim.lrr=1"])
     assert res.exit_code != 0
     assert "optim.lrr" in res.output and "Traceback" not in res.output
+
+
+def test_user_overrides_win_over_the_plan_and_the_variant_over_both(tmp_path):
+    from gasp_vlm.demo.training import base_config, variant_config
+
+    plan = D.DemoPlan.quick()  # its own max_steps / base_steps, which a user's --set must override
+    data = {k: tmp_path / k for k in ("train", "base_tasks", "finetune_tasks")}
+    assert base_config(data, plan).optim.max_steps == plan.base_steps
+    assert base_config(data, plan, ["optim.max_steps=7"]).optim.max_steps == 7
+    cfg = variant_config(D.DEFAULT_CONFIG, "lm_only", data, plan, "tiny-qwen2.5-vl")
+    assert cfg.optim.max_steps == plan.max_steps
+    cfg = variant_config(D.DEFAULT_CONFIG, "lm_only", data, plan, "tiny-qwen2.5-vl",
+                         ["optim.max_steps=9", "gasp.lambda_corr=1"])
+    assert cfg.optim.max_steps == 9 and cfg.gasp.lambda_corr == 0  # the control stays the control

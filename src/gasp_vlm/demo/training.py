@@ -27,10 +27,9 @@ def base_config(data: dict[str, Path], plan: DemoPlan, overrides: Sequence[str] 
     spatial-format share)."""
     from gasp_vlm.train.config import load_config
 
-    sets = [f"data.instructions={data['base_tasks']}", *_seed_sets(plan), *plan.base_overrides, *overrides]
-    if plan.base_steps is not None:
-        sets.append(f"optim.max_steps={plan.base_steps}")
-    return load_config(config, sets)
+    steps = [] if plan.base_steps is None else [f"optim.max_steps={plan.base_steps}"]
+    sets = [f"data.instructions={data['base_tasks']}", *_seed_sets(plan), *plan.base_overrides, *steps, *overrides]
+    return load_config(config, sets)  # the user's overrides come last: they win over the plan's
 
 
 def variant_config(config: Path, variant: str, data: dict[str, Path], plan: DemoPlan, base_model: Path | str,
@@ -38,11 +37,10 @@ def variant_config(config: Path, variant: str, data: dict[str, Path], plan: Demo
     """Stage 1: one variant -- LoRA on the base, the same geometry and non-spatial instructions for all."""
     from gasp_vlm.train.config import load_config
 
+    steps = [] if plan.max_steps is None else [f"optim.max_steps={plan.max_steps}"]
     sets = [f"model.name={base_model}", f"data.geometry=[{data['train']}]",
-            f"data.instructions={data['finetune_tasks']}", *_seed_sets(plan), *plan.config_overrides, *overrides,
-            *VARIANTS[variant]]
-    if plan.max_steps is not None:
-        sets.append(f"optim.max_steps={plan.max_steps}")
+            f"data.instructions={data['finetune_tasks']}", *_seed_sets(plan), *plan.config_overrides, *steps,
+            *overrides, *VARIANTS[variant]]  # the user's overrides win over the plan's; the variant's λ's over both
     return load_config(config, sets)
 
 
