@@ -37,9 +37,10 @@ $(ECO_STAMP): pyproject.toml
 	$(ECO_VENV)/bin/python -m pip install $(ECO_TORCH_SPEC)
 	$(ECO_VENV)/bin/python -m pip install -e ".[dev]"
 	# lmms-eval without its full dependency set (which would replace torch): only what its imports need;
-	# its evaluator needs filelock < 4
+	# its evaluator needs filelock < 4; OpenCV reads fps / frame counts for videomme_w_subtitle, as upstream does
 	$(ECO_VENV)/bin/python -m pip install --no-deps "lmms-eval==0.7.3"
-	$(ECO_VENV)/bin/python -m pip install loguru sacrebleu evaluate pytz tenacity pytablewriter zstandard "filelock<4"
+	$(ECO_VENV)/bin/python -m pip install loguru sacrebleu evaluate pytz tenacity pytablewriter zstandard "filelock<4" \
+		opencv-python-headless
 	touch $(ECO_STAMP)
 
 test-ecosystem: $(ECO_STAMP)

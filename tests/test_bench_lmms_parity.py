@@ -188,6 +188,39 @@ def test_videomme_prompt_parity(tmp_path):
         assert bench.render_prompt(s) == up.videomme_doc_to_text(rows[s.sample_id], kwargs)
 
 
+def test_videomme_subtitle_prompt_parity(tmp_path, monkeypatch):
+    """videomme_w_subtitle against upstream's videomme_doc_to_text_subtitle, which reads fps and frame counts with
+    OpenCV itself: the fixture's subtitles (repeated time range, two-line entry, entry without a font span, a
+    video without .srt) plus a 20-s 30-fps video with 200 entries, whose picked entries upstream joins in set
+    order, not time order."""
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("cv2")
+    from gasp_vlm.bench.fixtures import tiny_mp4
+    from gasp_vlm.bench.fixtures_video import FONT, make_videomme
+    from gasp_vlm.bench.subtitles import FRAME_NUM, subtitle_text
+    from gasp_vlm.bench.tables import read_parquet_rows
+
+    up, bench = _upstream("videomme"), get_benchmark("videomme_w_subtitle")
+    root = make_videomme(tmp_path / "v")
+    long_id = "Kb7Qm2xZ_0s"  # the fixture's third video: made long, with many short entries
+    tiny_mp4(root / "data" / f"{long_id}.mp4", n_frames=600, fps=30)
+    stamp = lambda t: f"00:00:{int(t):02d},{round(t % 1 * 1000):03d}"  # noqa: E731
+    (root / "subtitle" / f"{long_id}.srt").write_text("\n\n".join(
+        f"{i + 1}\n{stamp(i * 0.1)} --> {stamp(i * 0.1 + 0.1)}\n{FONT.format(f'line {i}')}" for i in range(200)) + "\n")
+    monkeypatch.setattr(up, "base_cache_dir", str(tmp_path))
+    monkeypatch.setattr(up, "cache_name", "v")
+    kwargs = _yaml_kwargs(_task_dir("videomme") / "videomme_w_subtitle.yaml")
+    assert kwargs["frame_num"] == FRAME_NUM
+    rows = {str(r["question_id"]): r for r in read_parquet_rows(root / "videomme" / "test-00000-of-00001.parquet")}
+    subtitle_text.cache_clear()
+    samples = bench.load(root)
+    assert len(samples) == len(rows) == 6
+    for s in samples:
+        assert bench.render_prompt(s) == up.videomme_doc_to_text_subtitle(rows[s.sample_id], kwargs)
+    lines = subtitle_text(str(root / "data" / f"{long_id}.mp4"), str(root / "subtitle" / f"{long_id}.srt")).split("\n")
+    assert len(lines) == 32 and lines != sorted(lines, key=lambda x: int(x.split()[1]))  # set order exercised
+
+
 def test_mvbench_prompt_and_layout_parity(tmp_path):
     pytest.importorskip("lmms_eval")
     from gasp_vlm.bench.fixtures_video import make_mvbench

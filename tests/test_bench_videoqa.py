@@ -74,6 +74,41 @@ def test_videomme_score_and_prompt(vmme_root):
     assert paper.endswith("D. The three kinds are of the same number.\nThe best answer is:")
 
 
+def test_videomme_subtitle_prompts_by_hand(vmme_root):
+    """videomme_w_subtitle: 8-frame 4-fps fixture videos, frames int(linspace(0, 7, 32)) = every frame; an entry
+    [a, b) s covers frames int(4a) <= f < int(4b). The first video: entries 1 (f 0-1), 2 (f 2-4, two text lines:
+    the first font span only), 3 (f 5, no font span: skipped), 4 (f 6-7); the second: entry 2 has entry 1's
+    time range and replaces it; the third has no .srt."""
+    b = get_benchmark("videomme-subtitles")
+    assert b.name == "videomme_w_subtitle" and b.generation_config() == {"max_new_tokens": 16, "do_sample": False}
+    ss = b.load(vmme_root)
+    tail = ("\nSelect the best answer to the following multiple-choice question based on the video and the subtitles. "
+            "Respond with only the letter (A, B, C, or D) of the correct option.\n")
+    assert b.render_prompt(ss[0]) == (
+        "This video's subtitles are listed below: \nWelcome to the history hour.\nToday we decorate the tree\n"
+        "The star goes on top." + tail + "Which kind of the decoration has the largest number?\nA. Apples.\n"
+        "B. Candles.\nC. Berries.\nD. The three kinds are of the same number.\nThe best answer is:")
+    assert b.render_prompt(ss[2]).startswith(
+        "This video's subtitles are listed below: \nIt runs home.\nHome at last." + tail + "Why does the rabbit")
+    assert b.render_prompt(ss[4]).startswith(
+        "This video's subtitles are listed below: \nNo subtitles available" + tail + "What is the score")
+    # questions, parser and aggregation are Video-MME's own
+    plain = get_benchmark("videomme").load(vmme_root)
+    assert [(s.sample_id, s.answer, s.media.paths) for s in ss] == [(s.sample_id, s.answer, s.media.paths)
+                                                                     for s in plain]
+
+
+def test_subtitle_errors_name_the_file(tmp_path):
+    from gasp_vlm.bench.subtitles import SubtitleError, read_srt, subtitle_text
+
+    bad = tmp_path / "x.srt"
+    bad.write_text("1\n00:00:01 --> 00:00:02\nhello\n")
+    with pytest.raises(SubtitleError, match=r"x\.srt: entry 1: bad time line"):
+        read_srt(bad)
+    with pytest.raises(SubtitleError, match=r"nope\.mp4: no such video"):
+        subtitle_text(str(tmp_path / "nope.mp4"), str(bad))
+
+
 def test_videomme_loader(vmme_root):
     b = get_benchmark("videomme")
     ss = b.load(vmme_root)
@@ -250,7 +285,7 @@ def test_make_fixture_dispatches(tmp_path):
 
 
 # ---- `gasp eval` end to end with the tiny random preset (the pattern of test_bench_e2e.py) ------------------
-@pytest.mark.parametrize("bench,limit", [("videomme", 3), ("mvbench", 5)])
+@pytest.mark.parametrize("bench,limit", [("videomme", 3), ("videomme_w_subtitle", 3), ("mvbench", 5)])
 def test_gasp_eval_end_to_end(tmp_path, bench, limit):
     from click.testing import CliRunner
 

@@ -19,7 +19,7 @@ VIDEO_FRAMES, VIDEO_SIZE, VIDEO_FPS = 8, (64, 48), 4
 
 
 def frame_level(i: int) -> int:
-    return 16 + 28 * i
+    return 16 + 28 * (i % 9)  # distinct for the first 9 frames (the fixtures' clips), then repeating
 
 
 def tiny_jpeg(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
@@ -257,7 +257,7 @@ MAKERS = {"vsibench": make_vsibench, "all_angles": make_all_angles, "blink": mak
 
 def make_fixture(benchmark: str, root: str | Path) -> Path:
     """Write the synthetic copy of `benchmark` (registry name) under `root`."""
-    if benchmark in ("videomme", "mvbench"):  # general video QA fixtures live in fixtures_video (imports this module)
+    if benchmark in ("videomme", "videomme_w_subtitle", "mvbench"):  # in fixtures_video (which imports this module)
         from gasp_vlm.bench.fixtures_video import MAKERS as VIDEO_MAKERS
 
         return VIDEO_MAKERS[benchmark](root)

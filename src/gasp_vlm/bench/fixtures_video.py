@@ -36,8 +36,25 @@ VMME_ROWS = [  # (video index, task_type, question, options, answer)
 ]
 
 
+FONT = '<font color="white" size=".72c">{}</font>'
+VMME_SUBTITLES = {  # videoID -> .srt text (the third video has none); 8 frames at 4 fps: frame = int(s * 4)
+    "fFjv93ACGo8": "\n\n".join([
+        f"1\n00:00:00,000 --> 00:00:00,500\n{FONT.format('Welcome to the history hour.')}",
+        # two text lines: only the first font span counts
+        f"2\n00:00:00,500 --> 00:00:01,250\n{FONT.format('Today we decorate the tree')}\n"
+        f"{FONT.format('with candles.')}",
+        "3\n00:00:01,250 --> 00:00:01,500\n[music]",  # no font span: skipped
+        f"4\n00:00:01,500 --> 00:00:03,000\n{FONT.format('The star goes on top.')}"]) + "\n",
+    "N1cdUjctpG8": "\n\n".join([
+        f"1\n00:00:00,000 --> 00:00:01,000\n{FONT.format('The rabbit hears the rain.')}",
+        f"2\n00:00:00,000 --> 00:00:01,000\n{FONT.format('It runs home.')}",  # same time range: replaces 1
+        f"3\n00:00:01,000 --> 00:00:02,000\n{FONT.format('Home at last.')}"]) + "\n",
+}
+
+
 def make_videomme(root: str | Path, *, videos: bool = True) -> Path:
-    """ROOT/videomme/test-00000-of-00001.parquet and ROOT/data/<videoID>.mp4."""
+    """ROOT/videomme/test-00000-of-00001.parquet, ROOT/data/<videoID>.mp4 and ROOT/subtitle/<videoID>.srt
+    (subtitle.zip unzipped; two of the three videos have one)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -58,6 +75,9 @@ def make_videomme(root: str | Path, *, videos: bool = True) -> Path:
     if videos:
         for _vid, youtube_id, *_ in VMME_VIDEOS:
             tiny_mp4(root / "data" / f"{youtube_id}.mp4")
+    (root / "subtitle").mkdir(exist_ok=True)
+    for youtube_id, text in VMME_SUBTITLES.items():
+        (root / "subtitle" / f"{youtube_id}.srt").write_text(text, encoding="utf-8")
     return root
 
 
@@ -120,4 +140,4 @@ def make_mvbench(root: str | Path, *, videos: bool = True) -> Path:
     return root
 
 
-MAKERS = {"videomme": make_videomme, "mvbench": make_mvbench}
+MAKERS = {"videomme": make_videomme, "videomme_w_subtitle": make_videomme, "mvbench": make_mvbench}

@@ -8,9 +8,11 @@ carry their letters ("A. Apples."); `answer` is the letter.
 Source: lmms-eval 0.7.3 `lmms_eval/tasks/videomme/utils.py` (videomme_doc_to_text, extract_characters_regex ->
 `_task_utils/mcq_extract.extract_mcq_answer`, videomme_process_results, videomme_aggregate_results) and
 `videomme.yaml` (default lmms_eval_specific_kwargs, generation_kwargs); responses first go through lmms-eval's
-default reasoning-tag stripping (lmms_eval_compat). The subtitle-free variant is the default; subtitles are not
-implemented. Headline: overall accuracy (micro over questions; an unparsed answer counts as wrong), plus
-short / medium / long (lmms-eval only logs the breakdowns; its metric is the overall).
+default reasoning-tag stripping (lmms_eval_compat). ``videomme`` is the subtitle-free task; ``videomme_w_subtitle``
+(lmms-eval's task of that name) puts each video's subtitles (ROOT/subtitle/<videoID>.srt, from subtitle.zip) before
+the question, selected as bench/subtitles.py describes. Headline: overall accuracy (micro over questions; an
+unparsed answer counts as wrong), plus short / medium / long (lmms-eval only logs the breakdowns; its metric is
+the overall).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ POST_PROMPT = "\nAnswer with the option's letter from the given choices directly
 PAPER_PROMPT = ("Select the best answer to the following multiple-choice question based on the video. Respond with "
                 "only the letter (A, B, C, or D) of the correct option.")
 PAPER_POST = "The best answer is:"
+# videomme_doc_to_text_subtitle: the block before the question (note the space before the newline)
+SUBTITLES_PROMPT = "This video's subtitles are listed below: \n"
 
 
 def extract_characters_regex(s: str) -> str:
@@ -53,6 +57,10 @@ def extract_characters_regex(s: str) -> str:
     (Older lmms-eval releases stripped a few "The answer is" prefixes and took the first capital A-D anywhere;
     that rule is gone upstream, and no release is pinned for it here, so it is not kept.)"""
     return extract_mcq_answer(s, choices=CHOICES)
+
+
+def _subtitle_path(data_dir: Path, video_id: str) -> Path:
+    return data_dir.parent / "subtitle" / f"{video_id}.srt"
 
 
 def _video_path(data_dir: Path, video_id: str) -> Path:
@@ -112,7 +120,8 @@ class VideoMME(Benchmark):
                 option_labels=[o.strip()[:1] for o in opts], answer=str(r["answer"]).strip(),
                 media=Media("video", [str(_video_path(data_dir, str(r["videoID"])))]),
                 meta={"duration": r["duration"], "domain": r["domain"], "sub_category": r["sub_category"],
-                      "videoID": r["videoID"], "video_id": r.get("video_id"), "url": r.get("url")}))
+                      "videoID": r["videoID"], "video_id": r.get("video_id"), "url": r.get("url"),
+                      "subtitle": str(_subtitle_path(data_dir, str(r["videoID"])))}))
         return samples
 
     def render_prompt(self, sample: Sample, profile: str = "official") -> str:
@@ -146,3 +155,22 @@ class VideoMME(Benchmark):
                 "sub_categories": pct(buckets["sub_category"]),
                 "category_counts": {k: len(v) for k, v in buckets["task"].items()},
                 "headline": durations}
+
+
+@register
+class VideoMMESubtitles(VideoMME):
+    """lmms-eval's `videomme_w_subtitle`: the same questions, videos, parser and aggregation, with the video's
+    subtitles at 32 uniformly sampled frames before the question (a video without an .srt file reads "No
+    subtitles available") and "The best answer is:" in place of the post-prompt."""
+
+    name = "videomme_w_subtitle"
+    aliases = ("videomme-subtitles", "video-mme-subtitles")
+    profiles = ("official",)
+    generation = {"official": {"max_new_tokens": 16, "do_sample": False}}  # videomme_w_subtitle.yaml
+
+    def render_prompt(self, sample: Sample, profile: str = "official") -> str:
+        from gasp_vlm.bench.subtitles import subtitle_text
+
+        subs = subtitle_text(sample.media.paths[0], sample.meta["subtitle"])
+        question = sample.question + "\n" + "\n".join(sample.options)
+        return f"{SUBTITLES_PROMPT}{subs}\n{OPTION_PROMPT}\n{question}\n{PAPER_POST}"

@@ -12,7 +12,7 @@ import click
 
 from gasp_vlm.cli import main
 
-BENCH_HELP = "vsibench | all_angles | blink | mmsi | videomme | mvbench"
+BENCH_HELP = "vsibench | all_angles | blink | mmsi | videomme | videomme_w_subtitle | mvbench"
 
 
 @contextlib.contextmanager
