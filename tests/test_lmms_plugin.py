@@ -149,11 +149,11 @@ metric_list:
 """
 
 
-def _fixture_tasks(root: Path) -> Path:
+def _fixture_tasks(root: Path, levels: tuple[int, ...] = (30, 220)) -> Path:
     tasks = root / "tasks"
     tasks.mkdir()
     rows = []
-    for i, v in enumerate((30, 220)):
+    for i, v in enumerate(levels):
         path = root / f"im{i}.png"
         _img(v).save(path)
         rows.append({"id": i, "image": str(path), "question": f"Is image {i} bright?", "answer": "yes"})
@@ -173,15 +173,21 @@ def _adapter():
 
 @pytest.mark.slow
 @pytest.mark.ecosystem  # make test-ecosystem installs lmms-eval
-def test_lmms_eval_cli_runs_the_gasp_model(tmp_path):
-    """``python -m lmms_eval --model gasp`` with the legacy plugin variable and a local --include_path task."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_lmms_eval_cli_runs_the_gasp_model(tmp_path, processes):
+    """``python -m lmms_eval --model gasp`` with the legacy plugin variable and a local --include_path task; and
+    ``torchrun --nproc-per-node 2 -m lmms_eval`` (gloo on CPU): each rank answers its share of 3 documents (2 + 1:
+    lmms-eval pads the short rank) and rank 0 logs all of them, the same answers as one process gives."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'gasp-vlm[lmms-eval]')")
-    tasks = _fixture_tasks(tmp_path)
+    levels = (30, 220) if processes == 1 else (30, 220, 120)
+    tasks = _fixture_tasks(tmp_path, levels)
     out = tmp_path / "out"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "LMMS_EVAL_PLUGINS": "gasp_vlm.lmms_plugin", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "gasp",
+    launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                      "--nproc-per-node", str(processes)]
+    cmd = [*launch, "-m", "lmms_eval", "--model", "gasp",
            "--model_args", "pretrained=tiny-qwen2.5-vl,device=cpu,dtype=float32",
            "--tasks", "gasp_fixture_gen", "--include_path", str(tasks),
            "--output_path", str(out), "--log_samples", "--batch_size", "2"]
@@ -195,7 +201,7 @@ def test_lmms_eval_cli_runs_the_gasp_model(tmp_path):
     # the answers lmms-eval logged are what the adapter gives for the gasp-eval request of the same sample
     adapter = _adapter()
     logged = [json.loads(line) for p in out.rglob("*samples_gasp_fixture_gen*.jsonl") for line in p.open()]
-    assert len(logged) == 2
+    assert sorted(rec["doc_id"] for rec in logged) == list(range(len(levels)))  # each document once
     for rec in logged:
         i = rec["doc_id"]
         assert rec["input"] == f"Is image {i} bright?"

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
@@ -30,8 +32,13 @@ class GaspLMM(lmms):
     """model_args: pretrained (preset name, HF directory or exported GASP model), device (auto), dtype (auto),
     max_num_frames (32: uniform frames per video, ``gasp eval``'s rule), min_pixels / max_pixels (Qwen per-frame
     budget, default the model's), max_new_tokens (default when a task sets none), frame_mode, seed; batch_size
-    comes from lmms-eval's --batch_size. One process: lmms-eval's multi-GPU launch is not wired here (``gasp eval``
-    shards over GPUs)."""
+    comes from lmms-eval's --batch_size.
+
+    Several processes (``accelerate launch -m lmms_eval ...`` or ``torchrun --nproc-per-node N -m lmms_eval ...``):
+    each rank loads the model on its own device (``cuda:LOCAL_RANK`` with device=auto) and answers the documents
+    lmms-eval's evaluator gives it; the evaluator gathers the results on rank 0. The process group is started
+    here when the launcher has not (NCCL on GPUs, gloo on CPUs): lmms-eval's own fallback is gloo, which cannot
+    gather the CUDA tensors it then builds on ``self.device``."""
 
     is_simple = True
 
@@ -45,9 +52,17 @@ class GaspLMM(lmms):
         if kwargs:
             raise ValueError(f"gasp model: unknown model_args {sorted(kwargs)}")
         from gasp_vlm.models import load_adapter
-        from gasp_vlm.models.runtime import resolve_device, resolve_dtype
+        from gasp_vlm.models.runtime import launcher_rank, resolve_device, resolve_dtype
 
+        rank, world, _ = launcher_rank()
         dev = resolve_device(device)
+        self._device = torch.device(dev)
+        if world > 1:
+            self._rank, self._world_size = rank, world
+            if dist.is_available() and not dist.is_initialized():
+                if self._device.type == "cuda":
+                    torch.cuda.set_device(self._device)
+                dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
         self.adapter = load_adapter(pretrained, dtype=resolve_dtype(dtype, dev), device=dev, seed=int(seed),
                                     frame_mode=frame_mode or None)
         self.batch_size = max(1, int(batch_size))
@@ -56,6 +71,10 @@ class GaspLMM(lmms):
         pixels = {k: _int_or_none(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))}
         self.pixels = {k: v for k, v in pixels.items() if v is not None} or None
         self.videos = VideoFrameCache(int(video_cache_bytes))  # questions about one video share its decode
+
+    @property
+    def device(self) -> torch.device:  # lmms-eval's evaluator builds its rank-count tensors here
+        return self._device
 
     def _doc(self, doc_id: int, task: str, split: str) -> Any:  # lmms-eval's argument order
         return self.task_dict[task][split][doc_id]
