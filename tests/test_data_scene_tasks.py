@@ -140,7 +140,13 @@ def test_bad_requests_leave_nothing_behind(rooms, tmp_path):
         T.make_task_set(rooms, tmp_path / "qa", {"depth_guess": 2})
     with pytest.raises(T.SceneError, match="fewer frames"):
         T.make_task_set(rooms, tmp_path / "qa", {"motion": 2}, num_frames=6, clip_stride=3)
-    assert not any(tmp_path.iterdir())
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(sorted(rooms.iterdir())[0], one / "room")
+    with pytest.raises(T.SceneError, match="needs two scenes"):
+        T.make_task_set(one, tmp_path / "qa", {"shared_texture": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
     (tmp_path / "x.json").write_text('{"not": "a list"}')
     with pytest.raises(T.SceneError, match="not a task set"):
         T.load_task_set(tmp_path / "x.json")
