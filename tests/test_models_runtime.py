@@ -32,3 +32,4 @@ def test_launcher_rank_and_per_rank_gpu(monkeypatch):
     assert launcher_rank() == (5, 8, 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda:1"
+    assert resolve_device("cuda") == "cuda:1" and resolve_device("cuda:0") == "cuda:0"  # bare: this rank's GPU

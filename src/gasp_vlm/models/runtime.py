@@ -18,10 +18,11 @@ def launcher_rank() -> tuple[int, int, int]:
 
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> this process's GPU (``cuda:LOCAL_RANK`` under a launcher) when one is visible, else
-    ``cpu``; anything else is passed through."""
-    if device != "auto":
+    ``cpu``; a bare ``cuda`` under a launcher is this process's GPU too (else every rank would use GPU 0);
+    anything else is passed through."""
+    if device not in ("auto", "cuda"):
         return device
-    if not torch.cuda.is_available():
+    if device == "auto" and not torch.cuda.is_available():
         return "cpu"
     _, world, local = launcher_rank()
     return f"cuda:{local}" if world > 1 else "cuda"

@@ -54,10 +54,8 @@ class GaspLMM(lmms):
         from gasp_vlm.models import load_adapter
         from gasp_vlm.models.runtime import launcher_rank, resolve_device, resolve_dtype
 
-        rank, world, local = launcher_rank()
+        rank, world, _ = launcher_rank()
         dev = resolve_device(device)
-        if world > 1 and dev == "cuda":  # a bare "cuda" would put every rank on GPU 0
-            dev = f"cuda:{local}"
         self._device = torch.device(dev)
         if world > 1:
             self._rank, self._world_size = rank, world
