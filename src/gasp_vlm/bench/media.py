@@ -29,15 +29,23 @@ def uniform_frame_indices(num_frames: int, k: int) -> list[int]:
     return np.linspace(0, num_frames - 1, k, dtype=int).tolist()
 
 
-def count_frames(path: Path) -> int:
+def video_header(path: str | Path) -> tuple[int, float | None, float | None]:
+    """(frame count, average fps, guessed fps) of the first video stream, in one open; a rate the container
+    does not give is None."""
     import av
 
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
+        average = float(stream.average_rate) if stream.average_rate else None
+        guessed = float(stream.guessed_rate) if stream.guessed_rate else None
         if stream.frames:
-            return int(stream.frames)
+            return int(stream.frames), average, guessed
         # container without a frame count: count video packets (one per frame for the codecs used here)
-        return sum(1 for p in c.demux(stream) if p.size)
+        return sum(1 for p in c.demux(stream) if p.size), average, guessed
+
+
+def count_frames(path: str | Path) -> int:
+    return video_header(path)[0]
 
 
 def decode_at(path: str | Path, idx: Sequence[int]) -> tuple[dict[int, Image.Image], int, Image.Image | None]:

@@ -125,16 +125,6 @@ def _decode_at(path: Path, idx: list[int]) -> list[Any]:
     return [got.get(i, tail) for i in idx]  # a header that over-counts frames: repeat the last real one
 
 
-def _video_info(path: Path) -> tuple[int, float]:
-    import av
-
-    from gasp_vlm.bench.media import count_frames
-
-    with av.open(str(path)) as c:
-        rate = c.streams.video[0].average_rate
-    return count_frames(path), float(rate) if rate else 30.0
-
-
 @register
 class MVBench(Benchmark):
     name = "mvbench"
@@ -211,7 +201,7 @@ class MVBench(Benchmark):
 
     def video_frames(self, sample: Sample, k: int, videos: Any) -> tuple[list[Any], list[int], int]:
         """Whole unbounded videos go through the shared cache; bounded clips and frame folders are sampled here."""
-        from gasp_vlm.bench.media import MediaError
+        from gasp_vlm.bench.media import MediaError, video_header
 
         path, bound = Path(sample.media.paths[0]), sample.meta.get("bound")
         if path.is_dir():  # episodic_reasoning: 00001.jpg ... at 3 fps
@@ -227,8 +217,8 @@ class MVBench(Benchmark):
         if not path.is_file():
             raise MediaError(f"video not found: {path}")
         try:
-            n, fps = _video_info(path)
-            idx = bounded_indices(n, fps, bound, k)
+            n, fps, _ = video_header(path)
+            idx = bounded_indices(n, fps or 30.0, bound, k)
             return _decode_at(path, idx), idx, n
         except Exception as e:  # PyAV raises several error types for broken files
             raise MediaError(f"cannot decode video {path}: {e}") from None

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gasp_vlm.bench.media import video_header
+
 FRAME_NUM = 32  # videomme_w_subtitle.yaml, lmms_eval_specific_kwargs.default.frame_num
 NO_SUBTITLES = "No subtitles available"
 FONT_SPAN = re.compile(r'<font color="white" size=".72c">(.*?)</font>')
@@ -64,19 +66,6 @@ def read_srt(path: str | Path) -> dict[tuple[float, float], str]:
     return entries
 
 
-def video_rate(path: str | Path) -> tuple[float, int]:
-    """(fps, frame count) from the video's header, as lmms-eval reads them (OpenCV's CAP_PROP_FPS /
-    CAP_PROP_FRAME_COUNT come from the stream's average rate and frame count)."""
-    import av
-
-    from gasp_vlm.bench.media import count_frames
-
-    with av.open(str(path)) as c:
-        stream = c.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-    return float(rate or 0.0), count_frames(Path(path))
-
-
 @functools.lru_cache(maxsize=64)
 def subtitle_text(video: str, srt: str, frame_num: int = FRAME_NUM) -> str:
     """The subtitle block of one video's prompt (cached: a video's questions share it)."""
@@ -84,10 +73,11 @@ def subtitle_text(video: str, srt: str, frame_num: int = FRAME_NUM) -> str:
         return NO_SUBTITLES
     if not Path(video).is_file():
         raise SubtitleError(f"{video}: no such video; the subtitles of {srt} are picked at its frames")
-    fps, total = video_rate(video)
+    # fps and frame count from the header, as lmms-eval's OpenCV reads them (CAP_PROP_FPS, CAP_PROP_FRAME_COUNT)
+    total, average, guessed = video_header(video)
+    fps = average or guessed or 0.0
     spans = [(int(a * fps), int(b * fps), text) for (a, b), text in read_srt(srt).items()]
-    n = total if frame_num == -1 else frame_num
-    picked = [i for f in np.linspace(0, total - 1, n, dtype=int).tolist()
+    picked = [i for f in np.linspace(0, total - 1, frame_num, dtype=int).tolist()
               for i, (a, b, _) in enumerate(spans) if a <= f < b]
     texts = []
     for i in list(set(picked)):  # upstream's order (see the module docstring)

@@ -124,8 +124,13 @@ class VideoMME(Benchmark):
                       "subtitle": str(_subtitle_path(data_dir, str(r["videoID"])))}))
         return samples
 
+    @staticmethod
+    def question_block(sample: Sample) -> str:
+        """The question and its lettered options, one per line (lmms-eval's `question + "\\n" + option`)."""
+        return sample.question + "\n" + "\n".join(sample.options)
+
     def render_prompt(self, sample: Sample, profile: str = "official") -> str:
-        question = sample.question + "\n" + "\n".join(sample.options)
+        question = self.question_block(sample)
         if profile == "paper":
             return f"{PAPER_PROMPT}\n{question}\n{PAPER_POST}"
         return f"{OPTION_PROMPT}\n{question}\n{POST_PROMPT}"
@@ -172,5 +177,4 @@ class VideoMMESubtitles(VideoMME):
         from gasp_vlm.bench.subtitles import subtitle_text
 
         subs = subtitle_text(sample.media.paths[0], sample.meta["subtitle"])
-        question = sample.question + "\n" + "\n".join(sample.options)
-        return f"{SUBTITLES_PROMPT}{subs}\n{OPTION_PROMPT}\n{question}\n{PAPER_POST}"
+        return f"{SUBTITLES_PROMPT}{subs}\n{OPTION_PROMPT}\n{self.question_block(sample)}\n{PAPER_POST}"
